@@ -1,0 +1,35 @@
+# Set-up and everyday commands. `make demo` and `make test` work on a fresh clone.
+PYTHON ?= python3
+VENV ?= .venv
+# A CPU build by default (on disk on the project's machines); GPU users: make TORCH_SPEC="torch==2.13.0" TORCH_INDEX=...
+TORCH_SPEC ?= torch==2.13.0
+TORCH_INDEX ?=
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+STAMP := $(VENV)/.installed
+
+.PHONY: install demo test examples clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): $(PY) pyproject.toml
+	$(PIP) install -q --upgrade pip >/dev/null 2>&1 || true
+	$(PIP) install -q $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX),) "$(TORCH_SPEC)"
+	$(PIP) install -q -e ".[test]"
+	touch $(STAMP)
+
+install: $(STAMP)  ## create .venv and install actorgrad with its test extras
+
+demo: $(STAMP)  ## run the quickstart on an embedded local Ray
+	$(PY) examples/quickstart.py
+
+test: $(STAMP)  ## run the whole test suite
+	$(PY) -m pytest -q tests
+
+examples: $(STAMP)  ## run every example
+	$(PY) examples/quickstart.py
+	$(PY) examples/rnn_bptt.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -1,0 +1,41 @@
+"""actorgrad: train neural networks whose modules are independent workers.
+
+>>> import torch, actorgrad as ag
+>>> ag.init(backend="local")                                  # doctest: +SKIP
+>>> lin = ag.spawn(torch.nn.Linear(4, 1), optimizer=ag.Optim(torch.optim.SGD, lr=0.1))  # doctest: +SKIP
+"""
+
+import logging
+
+from . import errors
+from .api import backward, init, is_initialized, load, no_grad, save, shutdown, spawn, step
+from .core.rules import UpdateContext
+from .handles import Node, Pass, StepHandle, StepReport, Worker, WorkerReport
+from .module import Module
+from .optim import Optim
+
+logging.getLogger("actorgrad").addHandler(logging.NullHandler())
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "init",
+    "shutdown",
+    "is_initialized",
+    "spawn",
+    "backward",
+    "step",
+    "no_grad",
+    "save",
+    "load",
+    "Optim",
+    "Module",
+    "Worker",
+    "Node",
+    "Pass",
+    "StepHandle",
+    "StepReport",
+    "WorkerReport",
+    "UpdateContext",
+    "errors",
+]

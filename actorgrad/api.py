@@ -1,0 +1,127 @@
+"""The public functions: thin calls into the process-wide Runtime."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+from typing import Any, Iterator, Optional, Sequence, Union
+
+import torch
+
+from . import errors as E
+from .handles import Node, Pass, StepHandle, StepReport, Worker, as_nodes
+from .runtime import DEFAULT_TIMEOUT, Runtime
+
+log = logging.getLogger("actorgrad")
+
+_runtime: Optional[Runtime] = None
+_init_args: Optional[tuple] = None
+_lock = threading.Lock()
+
+BACKENDS = ("ray", "local")
+
+
+def init(address: Optional[str] = None, *, backend: str = "ray", timeout: float = DEFAULT_TIMEOUT,
+         **ray_kwargs: Any) -> Runtime:
+    """Start or join the runtime (idempotent); ``backend="local"`` runs every worker in this process."""
+    global _runtime, _init_args
+    with _lock:
+        if backend not in BACKENDS:
+            raise E.ConfigError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        if backend == "local" and (address is not None or ray_kwargs):
+            raise E.ConfigError("backend='local' takes no Ray address or Ray options")
+        if not isinstance(timeout, (int, float)) or timeout <= 0:
+            raise E.ConfigError(f"timeout must be a positive number of seconds, got {timeout!r}")
+        if _runtime is not None and not _runtime.closed:
+            if _runtime.backend != backend:
+                raise E.ConfigError(
+                    f"actorgrad is already running with backend={_runtime.backend!r}; call ag.shutdown() first")
+            return _runtime
+        if backend == "local":
+            from .transport.local import LocalTransport
+
+            transport: Any = LocalTransport()
+        else:
+            from .transport.ray import RayTransport
+
+            transport = RayTransport(address, **ray_kwargs)
+        _runtime = Runtime(transport, timeout=float(timeout))
+        _init_args = (address, backend)
+        log.info("actorgrad started (backend=%s)", backend)
+        return _runtime
+
+
+def shutdown() -> None:
+    """Stop every worker (and the local Ray instance, if init started it); idempotent."""
+    global _runtime
+    with _lock:
+        rt, _runtime = _runtime, None
+    if rt is not None:
+        rt.shutdown()
+
+
+def is_initialized() -> bool:
+    """Whether a runtime is running."""
+    return _runtime is not None and not _runtime.closed
+
+
+def runtime() -> Runtime:
+    """The running Runtime; starts the default one (embedded Ray) if there is none."""
+    rt = _runtime
+    if rt is None or rt.closed:
+        log.info("ag.init() was not called; starting the default runtime")
+        rt = init()
+    return rt
+
+
+def _current() -> Runtime:
+    rt = _runtime
+    if rt is None or rt.closed:
+        raise E.ConfigError("actorgrad is not running; call ag.init() first")
+    return rt
+
+
+def spawn(module: torch.nn.Module, *, optimizer: Any = None, name: Optional[str] = None, update: Any = "step",
+          max_staleness: int = 0, num_cpus: Optional[float] = None, num_gpus: Optional[float] = None,
+          resources: Optional[dict[str, float]] = None, device: Any = None) -> Worker:
+    """Place any torch.nn.Module in its own worker."""
+    return runtime().spawn(module, optimizer=optimizer, name=name, update=update, max_staleness=max_staleness,
+                           num_cpus=num_cpus, num_gpus=num_gpus, resources=resources, device=device)
+
+
+def backward(*nodes: Union[Node, Sequence[Node]], gradients: Optional[Sequence[Any]] = None) -> Pass:
+    """Start one backward pass seeded at these nodes; returns at once."""
+    flat = as_nodes(nodes)
+    rt = flat[0]._runtime if flat and isinstance(flat[0], Node) else _current()
+    return rt.backward(flat, None if gradients is None else list(gradients))
+
+
+def step(wait: bool = True, timeout: Optional[float] = None) -> Union[StepReport, StepHandle]:
+    """Close the current step; with ``wait`` return once every worker has applied its update."""
+    return _current().close_step(wait, timeout)
+
+
+@contextlib.contextmanager
+def no_grad() -> Iterator[None]:
+    """Calls inside save nothing for backward (evaluation, inference)."""
+    rt = _current()
+    rt.push_no_grad(1)
+    try:
+        yield
+    finally:
+        rt.push_no_grad(-1)
+
+
+def save(path: str, timeout: Optional[float] = None) -> None:
+    """Checkpoint every worker (module state, optimizer state, step counter) to a directory."""
+    from .checkpoint import save_checkpoint
+
+    save_checkpoint(_current(), path, timeout)
+
+
+def load(path: str, timeout: Optional[float] = None) -> None:
+    """Restore every worker from a checkpoint directory written by ag.save."""
+    from .checkpoint import load_checkpoint
+
+    load_checkpoint(_current(), path, timeout)

@@ -1,0 +1,1 @@
+"""Pure logic: messages, their codec, the caller's graph and the worker state machine."""

@@ -1,0 +1,186 @@
+"""Messages between the caller and workers, and between workers.
+
+Every message is a frozen record. Requests carry ``req``, a number chosen by
+the caller; the worker answers each request with exactly one ``Ack`` or
+``Failure`` carrying the same number. Everything else is one-way.
+
+Value trees (``args``, ``kwargs``, ``Ack.data``, ``SetState.state``) hold
+msgpack-native values, tensors, tuples and ``Slot`` markers; a ``Slot(i)``
+stands for the i-th input that arrives as a ``Value`` message from the
+producing worker.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional, Union
+
+import torch
+
+# An edge that delivers a gradient: (consumer call, consumer slot), or
+# (SEED, k) for the k-th seed gradient of a pass.
+SEED = -1
+Edge = tuple[int, int]
+
+
+@dataclass(frozen=True, slots=True)
+class Slot:
+    """Placeholder in an argument tree for an input that arrives as a Value."""
+
+    index: int
+
+
+@dataclass(frozen=True, slots=True)
+class RefSpec:
+    """Where a call's input slot comes from, and whether a gradient goes back."""
+
+    worker: str  # producing worker
+    call: int  # producing call
+    out: int  # output index of the producing call
+    grad: bool  # whether this edge carries a gradient back to the producer
+
+
+@dataclass(frozen=True, slots=True)
+class Forward:
+    """Caller -> worker: run one call of the module once every input slot has arrived."""
+
+    req: int
+    call: int
+    step: int
+    args: Any
+    kwargs: Any
+    refs: tuple[RefSpec, ...]
+    save: bool  # False under ag.no_grad(): keep nothing for backward
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """Caller -> producer: send output ``out`` of ``call`` to a consumer's slot."""
+
+    call: int
+    out: int
+    to_worker: str
+    to_call: int
+    slot: int
+
+
+@dataclass(frozen=True, slots=True)
+class Value:
+    """Producer -> consumer: the activation for one input slot of a call."""
+
+    step: int
+    call: int  # consumer call
+    slot: int
+    from_call: int
+    tensor: torch.Tensor
+
+
+@dataclass(frozen=True, slots=True)
+class Expect:
+    """Part of a Plan: the gradient messages one output of one call waits for."""
+
+    call: int
+    out: int
+    edges: tuple[Edge, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class SeedGrad:
+    """Part of a Plan: the gradient a pass starts from at one output (None: ones)."""
+
+    call: int
+    out: int
+    index: int
+    tensor: Optional[torch.Tensor]
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """Caller -> worker: a pass starts; which gradients to expect, and the seeds here."""
+
+    req: int
+    pass_id: int
+    step: int
+    expect: tuple[Expect, ...]
+    seeds: tuple[SeedGrad, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Gradient:
+    """Consumer -> producer: the gradient of one output, from one consumer slot."""
+
+    pass_id: int
+    step: int
+    call: int  # producing call, at the receiver
+    out: int
+    from_worker: str
+    from_call: int
+    slot: int
+    tensor: Optional[torch.Tensor]  # None: this edge contributes nothing
+
+
+@dataclass(frozen=True, slots=True)
+class Close:
+    """Caller -> worker: the step is closed; apply its update once its passes are done."""
+
+    req: int
+    step: int
+    calls: tuple[int, ...]
+    passes: tuple[int, ...]
+    retain: tuple[tuple[int, int], ...]  # (call, out) the caller may still fetch
+
+
+@dataclass(frozen=True, slots=True)
+class Abort:
+    """Caller -> worker: drop everything of this step; apply nothing from it."""
+
+    step: int
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Fetch:
+    """Caller -> worker: send back output ``out`` of ``call`` once it is computed."""
+
+    req: int
+    call: int
+    out: int
+
+
+@dataclass(frozen=True, slots=True)
+class GetState:
+    """Caller -> worker: send back state; ``what`` is "module" or "full"."""
+
+    req: int
+    what: str
+
+
+@dataclass(frozen=True, slots=True)
+class SetState:
+    """Caller -> worker: replace state; ``what`` is "module" or "full"."""
+
+    req: int
+    what: str
+    state: Any
+
+
+@dataclass(frozen=True, slots=True)
+class Ack:
+    """Worker -> caller: a request succeeded; ``data`` is its result."""
+
+    req: int
+    data: Any
+
+
+@dataclass(frozen=True, slots=True)
+class Failure:
+    """Worker -> caller: a request failed; ``error`` is an errors.to_info record."""
+
+    req: int
+    error: dict
+
+
+Message = Union[
+    Forward, Route, Value, Plan, Gradient, Close, Abort, Fetch, GetState, SetState, Ack, Failure
+]
+Request = Union[Forward, Plan, Close, Fetch, GetState, SetState]

@@ -1,0 +1,767 @@
+"""WorkerCore: one module's state machine. ``handle(msg)`` returns what to send.
+
+Rules this file keeps:
+
+1. A worker runs its forward calls in the order the caller issued them (so
+   buffers and RNG advance deterministically), each once all of its input
+   slots have arrived and its step is within ``max_staleness`` of the last
+   applied update.
+2. A call's VJP for a pass runs once every edge the pass's Plan lists for
+   that call's outputs has delivered one gradient message; it then sends one
+   message (maybe empty) to the producer of every input that carries a
+   gradient, so the producers' counts always complete.
+3. A pass is complete here when every call it plans here has run its VJP;
+   the update rule then sees its gradients (see rules.py).
+4. A step closes here when all its calls ran and all its passes completed;
+   the rule applies what it holds and the step's saved state is freed.
+5. An aborted step leaves nothing behind and applies nothing.
+
+Nothing here does IO: the host delivers the outbox. ``(None, msg)`` in the
+outbox is a reply to the caller.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import traceback
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional, Union
+
+import torch
+
+from .. import errors as E
+from ..module import has_custom_backward
+from ..optim import OptimizerSpec, build_optimizer
+from . import messages as m
+from .ledger import Arrival, Ledger
+from .rules import PendingGrads, Rule, Updater, add_grads, grad_norm, make_rule
+from .vjp import Saved, default_vjp, make_leaves, run_forward
+
+log = logging.getLogger("actorgrad.worker")
+
+Out = tuple[Optional[str], m.Message]
+
+_SHAPE_WORDS = re.compile(
+    r"shape|size mismatch|sizes? of tensor|must match the size|cannot be multiplied|dimension|"
+    r"expected input|expected .* channels|input size|out of bounds",
+    re.IGNORECASE,
+)
+
+
+@dataclass
+class WorkerSpec:
+    """Everything a host needs to build a WorkerCore."""
+
+    name: str
+    module: torch.nn.Module
+    optimizer: Optional[OptimizerSpec] = None
+    update: Union[str, Callable[..., Any]] = "step"
+    max_staleness: int = 0
+    device: Optional[str] = None
+    num_threads: Optional[int] = None
+
+
+@dataclass
+class CallState:
+    """One call of the module: its request, arrived inputs, outputs, and what backward needs."""
+
+    msg: m.Forward
+    values: dict[int, torch.Tensor] = field(default_factory=dict)
+    status: str = "waiting"  # waiting | done | failed
+    outputs: list[torch.Tensor] = field(default_factory=list)
+    saved: Optional[Saved] = None
+    version: Optional[int] = None
+    routes: list[m.Route] = field(default_factory=list)
+    fetches: list[tuple[int, int]] = field(default_factory=list)  # (req, out)
+    error: Optional[dict] = None
+
+    @property
+    def id(self) -> int:
+        return self.msg.call
+
+    @property
+    def step(self) -> int:
+        return self.msg.step
+
+    def ready(self) -> bool:
+        return len(self.values) == len(self.msg.refs)
+
+
+@dataclass
+class Arrived:
+    """One gradient message as it arrived, kept until its call's VJP."""
+
+    edge: tuple[int, int]
+    from_worker: str
+    tensor: Optional[torch.Tensor]
+    seed: bool = False
+
+
+@dataclass
+class PassState:
+    """One pass at this worker: its ledger, arrived gradients and parameter gradients."""
+
+    id: int
+    step: int
+    req: int
+    ledger: Ledger = field(default_factory=Ledger)
+    arrived: dict[tuple[int, int], list[Arrived]] = field(default_factory=dict)
+    done_calls: set[int] = field(default_factory=set)
+    param_grads: dict[str, torch.Tensor] = field(default_factory=dict)
+    complete: bool = False
+    failed: bool = False
+
+
+@dataclass
+class StepState:
+    """One step at this worker."""
+
+    calls: list[int] = field(default_factory=list)
+    passes: list[int] = field(default_factory=list)
+    close: Optional[m.Close] = None
+    applied: bool = False
+    grad_norm: Optional[float] = None
+
+
+class WorkerCore:
+    """The state machine of one worker; see the rules at the top of this file."""
+
+    def __init__(self, spec: WorkerSpec) -> None:
+        self.name = spec.name
+        self.device = torch.device(spec.device) if spec.device else torch.device("cpu")
+        self.module = spec.module.to(self.device)
+        self.optimizer = build_optimizer(spec.optimizer, self.module, self.name)
+        self.rule: Rule = make_rule(spec.update)
+        self.max_staleness = int(spec.max_staleness)
+        self.stashes = self.rule.stashes or self.max_staleness > 0
+        self.custom_backward = has_custom_backward(self.module)
+        self.updater = Updater(self.name, self.module, self.optimizer)
+        self.pending = PendingGrads()
+
+        self.calls: dict[int, CallState] = {}
+        self.queue: deque[int] = deque()  # forward calls not yet run, in issue order
+        self.passes: dict[int, PassState] = {}
+        self.steps: dict[int, StepState] = {}
+        self.early_values: dict[int, dict[int, tuple[int, int, torch.Tensor]]] = {}
+        self.early_grads: dict[int, list[m.Gradient]] = {}
+        self.aborted: set[int] = set()
+        self.closed: set[int] = set()
+        self.retained: dict[tuple[int, int], tuple[int, torch.Tensor]] = {}
+        self.stash: dict[int, dict[str, torch.Tensor]] = {}
+        self.stash_refs: dict[int, int] = {}
+        self._out: list[Out] = []
+
+    # --- entry point --------------------------------------------------------
+
+    def handle(self, msg: m.Message) -> list[Out]:
+        """Process one message; return the messages to send and replies to make."""
+        self._out = []
+        match msg:
+            case m.Forward():
+                self._on_forward(msg)
+            case m.Value():
+                self._on_value(msg)
+            case m.Route():
+                self._on_route(msg)
+            case m.Plan():
+                self._on_plan(msg)
+            case m.Gradient():
+                self._on_gradient(msg)
+            case m.Close():
+                self._on_close(msg)
+            case m.Abort():
+                self._on_abort(msg)
+            case m.Fetch():
+                self._on_fetch(msg)
+            case m.GetState():
+                self._on_get_state(msg)
+            case m.SetState():
+                self._on_set_state(msg)
+            case _:
+                raise E.DecodeError(f"a worker cannot handle a {type(msg).__name__} message", worker=self.name)
+        self._advance()
+        out, self._out = self._out, []
+        return out
+
+    # --- small helpers ------------------------------------------------------
+
+    def _send(self, to: str, msg: m.Message) -> None:
+        self._out.append((to, msg))
+
+    def _ack(self, req: int, data: Any) -> None:
+        self._out.append((None, m.Ack(req, data)))
+
+    def _fail(self, req: int, err: E.ActorgradError) -> None:
+        self._out.append((None, m.Failure(req, E.to_info(err))))
+
+    def _error(self, cls: type[E.ActorgradError], text: str, call: Optional[int] = None,
+               step: Optional[int] = None, exc: Optional[BaseException] = None) -> E.ActorgradError:
+        cause = f"{type(exc).__name__}: {exc}" if exc is not None else None
+        tb = "".join(traceback.format_exception(exc)) if exc is not None else None
+        err = cls(text, worker=self.name, call=call, step=step, cause=cause, remote_traceback=tb)
+        if exc is not None:
+            err.__cause__ = exc
+        return err
+
+    def _step(self, step: int) -> StepState:
+        return self.steps.setdefault(step, StepState())
+
+    # --- forward --------------------------------------------------------------
+
+    def _on_forward(self, msg: m.Forward) -> None:
+        if msg.step in self.aborted or msg.step in self.closed:
+            self._fail(msg.req, self._error(E.StepAborted, "forward of a step that was already aborted or closed",
+                                            msg.call, msg.step))
+            return
+        if msg.call in self.calls:
+            log.warning("%s: duplicate forward for call %d ignored", self.name, msg.call)
+            return
+        c = CallState(msg)
+        for slot, (step, from_call, t) in self.early_values.pop(msg.call, {}).items():
+            c.values[slot] = t
+        self.calls[msg.call] = c
+        self.queue.append(msg.call)
+        self._step(msg.step).calls.append(msg.call)
+
+    def _on_value(self, msg: m.Value) -> None:
+        if msg.step in self.aborted:
+            return
+        c = self.calls.get(msg.call)
+        if c is None:
+            # The producer can be faster than the caller's Forward to us.
+            self.early_values.setdefault(msg.call, {})[msg.slot] = (msg.step, msg.from_call, msg.tensor)
+            return
+        if c.status != "waiting" or msg.slot in c.values:
+            log.warning("%s: duplicate value for call %d slot %d ignored", self.name, msg.call, msg.slot)
+            return
+        c.values[msg.slot] = msg.tensor
+
+    def _gate_open(self, step: int) -> bool:
+        """A forward of ``step`` may run when no earlier step more than k behind is still open."""
+        limit = step - self.max_staleness
+        return not any(s < limit for s in self.steps)
+
+    def _run_ready_forwards(self) -> bool:
+        ran = False
+        while self.queue:
+            c = self.calls.get(self.queue[0])
+            if c is None:
+                self.queue.popleft()
+                continue
+            if not c.ready() or not self._gate_open(c.step):
+                break
+            self.queue.popleft()
+            self._run_forward(c)
+            ran = True
+        return ran
+
+    def _stash_params(self) -> dict[str, torch.Tensor]:
+        v = self.updater.version
+        if v not in self.stash:
+            self.stash[v] = {
+                n: p.detach().clone().requires_grad_(p.requires_grad) for n, p in self.module.named_parameters()
+            }
+        self.stash_refs[v] = self.stash_refs.get(v, 0) + 1
+        return self.stash[v]
+
+    def _release_stash(self, version: Optional[int]) -> None:
+        if version is None or version not in self.stash_refs:
+            return
+        self.stash_refs[version] -= 1
+        if self.stash_refs[version] <= 0:
+            del self.stash_refs[version]
+            self.stash.pop(version, None)
+
+    def _run_forward(self, c: CallState) -> None:
+        msg = c.msg
+        values = [c.values[i].to(self.device) for i in range(len(msg.refs))]
+        leaves = make_leaves(values, [r.grad and msg.save for r in msg.refs])
+        params = None
+        if msg.save and self.stashes:
+            params = self._stash_params()
+            c.version = self.updater.version
+        try:
+            args = _to_device(msg.args, self.device)
+            kwargs = _to_device(msg.kwargs, self.device)
+            outputs, single, saved = run_forward(self.module, args, kwargs, leaves, params, msg.save)
+        except Exception as exc:  # the user's module raised
+            self._release_stash(c.version)
+            c.version = None
+            cls = E.ForwardShapeError if _looks_like_shape_error(exc) else E.WorkerError
+            err = self._error(cls, f"forward raised {type(exc).__name__}: {exc}", msg.call, msg.step, exc)
+            self._fail_call(c, err)
+            return
+        c.status = "done"
+        c.outputs = [o.detach() for o in outputs]
+        c.saved = saved
+        meta = {
+            "single": single,
+            "outputs": [[list(o.shape), str(o.dtype).removeprefix("torch."), bool(o.requires_grad)] for o in outputs],
+        }
+        self._ack(msg.req, meta)
+        for route in c.routes:
+            self._route(c, route)
+        c.routes.clear()
+        for req, out in c.fetches:
+            self._answer_fetch(c, req, out)
+        c.fetches.clear()
+
+    def _fail_call(self, c: CallState, err: E.ActorgradError) -> None:
+        c.status = "failed"
+        c.error = E.to_info(err)
+        self._out.append((None, m.Failure(c.msg.req, c.error)))
+        for req, _ in c.fetches:
+            self._out.append((None, m.Failure(req, c.error)))
+        c.fetches.clear()
+        c.routes.clear()
+
+    def _on_route(self, msg: m.Route) -> None:
+        c = self.calls.get(msg.call)
+        if c is None:
+            log.debug("%s: route for unknown call %d dropped (its step ended)", self.name, msg.call)
+            return
+        if c.status == "done":
+            self._route(c, msg)
+        elif c.status == "waiting":
+            c.routes.append(msg)
+
+    def _route(self, c: CallState, r: m.Route) -> None:
+        if r.out >= len(c.outputs):
+            err = self._error(E.ConfigError, f"output {r.out} requested but the call returned {len(c.outputs)}",
+                              c.id, c.step)
+            self._out.append((None, m.Failure(c.msg.req, E.to_info(err))))
+            return
+        self._send(r.to_worker, m.Value(c.step, r.to_call, r.slot, c.id, c.outputs[r.out]))
+
+    # --- backward -------------------------------------------------------------
+
+    def _on_plan(self, msg: m.Plan) -> None:
+        if msg.step in self.aborted:
+            self._fail(msg.req, self._error(E.StepAborted, "pass of an aborted step", step=msg.step))
+            return
+        ps = PassState(msg.pass_id, msg.step, msg.req)
+        self.passes[msg.pass_id] = ps
+        self._step(msg.step).passes.append(msg.pass_id)
+        for e in msg.expect:
+            c = self.calls.get(e.call)
+            if c is None or c.step != msg.step:
+                self._fail_pass(ps, self._error(E.ActorgradError, f"pass {msg.pass_id} plans call {e.call}, "
+                                                "which this worker does not hold", e.call, msg.step))
+                return
+            ps.ledger.expect(e.call, e.out, e.edges)
+        for s in msg.seeds:
+            self._arrive(ps, s.call, s.out, Arrived((m.SEED, s.index), "caller", s.tensor, seed=True))
+            if ps.failed:
+                return
+        for g in self.early_grads.pop(msg.pass_id, []):
+            self._on_gradient(g)
+        for call in ps.ledger.calls():
+            self._try_vjp(ps, call)
+
+    def _on_gradient(self, msg: m.Gradient) -> None:
+        ps = self.passes.get(msg.pass_id)
+        if ps is None:
+            if msg.step in self.aborted or msg.step in self.closed:
+                log.debug("%s: gradient of ended step %d dropped", self.name, msg.step)
+            else:
+                self.early_grads.setdefault(msg.pass_id, []).append(msg)
+            return
+        if ps.failed or ps.complete:
+            return
+        self._arrive(ps, msg.call, msg.out, Arrived((msg.from_call, msg.slot), msg.from_worker, msg.tensor))
+        self._try_vjp(ps, msg.call)
+
+    def _arrive(self, ps: PassState, call: int, out: int, a: Arrived) -> None:
+        if call not in self.calls:
+            self._fail_pass(ps, self._error(
+                E.ActorgradError,
+                f"gradient for unknown call {call} (output {out}) from worker '{a.from_worker}' "
+                f"call {a.edge[0]} slot {a.edge[1]} in pass {ps.id}", call, ps.step))
+            return
+        arrival = ps.ledger.arrive(call, out, a.edge)
+        if arrival is Arrival.DUPLICATE:
+            log.warning("%s: duplicate gradient for call %d output %d from %s %s ignored",
+                        self.name, call, out, a.from_worker, a.edge)
+            return
+        if arrival is Arrival.UNEXPECTED:
+            self._fail_pass(ps, self._error(
+                E.ActorgradError,
+                f"unexpected gradient for output {out} from worker '{a.from_worker}' call {a.edge[0]} "
+                f"slot {a.edge[1]} in pass {ps.id}; the plan expects {_fmt_edges(ps.ledger.missing(call))}",
+                call, ps.step))
+            return
+        ps.arrived.setdefault((call, out), []).append(a)
+
+    def _try_vjp(self, ps: PassState, call: int) -> None:
+        if ps.failed or ps.complete or call in ps.done_calls or not ps.ledger.is_complete(call):
+            return
+        c = self.calls[call]
+        if c.status == "waiting":
+            return  # a seed may arrive before its forward ran; the forward will retry
+        if c.status == "failed":
+            self._fail_pass(ps, E.from_info(c.error or {}))
+            return
+        try:
+            grad_outputs = self._sum_arrived(ps, c)
+            input_grads, param_grads = self._vjp(c, grad_outputs)
+        except E.ActorgradError as err:
+            self._fail_pass(ps, err)
+            return
+        except Exception as exc:
+            self._fail_pass(ps, self._error(E.WorkerError, f"backward raised {type(exc).__name__}: {exc}",
+                                            call, ps.step, exc))
+            return
+        if param_grads and self.optimizer is None and not self.rule.__class__.__name__ == "CallableRule":
+            self._fail_pass(ps, self._error(
+                E.ConfigError, "parameters received gradients but the worker has no optimizer; pass "
+                "optimizer=ag.Optim(...) to ag.spawn, or set requires_grad=False on them", call, ps.step))
+            return
+        add_grads(ps.param_grads, param_grads)
+        for slot, ref in enumerate(c.msg.refs):
+            if ref.grad:
+                g = input_grads[slot]
+                self._send(ref.worker, m.Gradient(ps.id, ps.step, ref.call, ref.out, self.name, call, slot,
+                                                  None if g is None else g.detach()))
+        ps.done_calls.add(call)
+        if all(cc in ps.done_calls for cc in ps.ledger.calls()):
+            self._complete_pass(ps)
+
+    def _sum_arrived(self, ps: PassState, c: CallState) -> list[Optional[torch.Tensor]]:
+        grads: list[Optional[torch.Tensor]] = []
+        for out, o in enumerate(c.outputs):
+            total: Optional[torch.Tensor] = None
+            for a in ps.arrived.get((c.id, out), []):
+                g = a.tensor
+                if g is None and a.seed:
+                    if o.numel() != 1:
+                        raise self._error(E.ShapeError, f"output {out} has shape {tuple(o.shape)}; a backward "
+                                          "seed without a gradient needs a scalar", c.id, ps.step)
+                    g = torch.ones_like(o)
+                if g is None:
+                    continue
+                if tuple(g.shape) != tuple(o.shape):
+                    src = "the seed gradient" if a.seed else f"worker '{a.from_worker}' call {a.edge[0]} slot {a.edge[1]}"
+                    raise self._error(E.ShapeError, f"gradient for output {out} from {src} has shape "
+                                      f"{tuple(g.shape)}, but the output has shape {tuple(o.shape)}", c.id, ps.step)
+                g = g.to(device=o.device, dtype=o.dtype)
+                total = g if total is None else total + g
+            grads.append(total)
+        return grads
+
+    def _vjp(self, c: CallState, grad_outputs: list[Optional[torch.Tensor]]):
+        saved = c.saved
+        if saved is None:
+            raise self._error(E.ConfigError, "this call ran under ag.no_grad(); it has nothing saved for backward",
+                              c.id, c.step)
+        if not self.custom_backward:
+            return default_vjp(saved.inputs, saved.outputs, grad_outputs, saved.params)
+        object.__setattr__(self.module, "_actorgrad_params", saved.params)
+        try:
+            result = self.module.backward(tuple(saved.inputs), tuple(saved.outputs), tuple(grad_outputs))
+        finally:
+            self.module.__dict__.pop("_actorgrad_params", None)
+        return self._check_custom(c, saved, result)
+
+    def _check_custom(self, c: CallState, saved: Saved, result: Any):
+        if not (isinstance(result, tuple) and len(result) == 2):
+            raise self._error(E.WorkerError, "a custom backward must return (input_grads, {name: grad})", c.id, c.step)
+        input_grads, param_grads = result
+        if isinstance(input_grads, torch.Tensor) or input_grads is None:
+            input_grads = [input_grads]
+        input_grads = list(input_grads)
+        if len(input_grads) != len(saved.inputs):
+            raise self._error(E.WorkerError, f"custom backward returned {len(input_grads)} input gradients for "
+                              f"{len(saved.inputs)} inputs", c.id, c.step)
+        for i, (g, x) in enumerate(zip(input_grads, saved.inputs)):
+            if g is not None and tuple(g.shape) != tuple(x.shape):
+                raise self._error(E.ShapeError, f"custom backward returned a gradient of shape {tuple(g.shape)} "
+                                  f"for input {i} of shape {tuple(x.shape)}", c.id, c.step)
+        params = dict(self.module.named_parameters())
+        clean = {}
+        for name, g in dict(param_grads or {}).items():
+            if name not in params:
+                raise self._error(E.WorkerError, f"custom backward returned a gradient for unknown parameter "
+                                  f"{name!r}", c.id, c.step)
+            if g is None:
+                continue
+            if tuple(g.shape) != tuple(params[name].shape):
+                raise self._error(E.ShapeError, f"custom backward returned a gradient of shape {tuple(g.shape)} "
+                                  f"for parameter {name!r} of shape {tuple(params[name].shape)}", c.id, c.step)
+            clean[name] = g.detach()
+        return input_grads, clean
+
+    def _complete_pass(self, ps: PassState) -> None:
+        ps.complete = True
+        try:
+            applied = self.rule.on_pass(self.updater, self.pending, ps.step, ps.id, ps.param_grads)
+        except E.ActorgradError as err:
+            ps.complete = False
+            self._fail_pass(ps, err)
+            return
+        except Exception as exc:
+            ps.complete = False
+            self._fail_pass(ps, self._error(E.WorkerError, f"update raised {type(exc).__name__}: {exc}",
+                                            step=ps.step, exc=exc))
+            return
+        norm = grad_norm(ps.param_grads) if ps.param_grads else None
+        ps.arrived.clear()
+        ps.param_grads = {}
+        self._ack(ps.req, {"worker": self.name, "calls": len(ps.done_calls), "applied": applied, "grad_norm": norm})
+
+    def _fail_pass(self, ps: PassState, err: E.ActorgradError) -> None:
+        if ps.failed:
+            return
+        ps.failed = True
+        ps.arrived.clear()
+        self._fail(ps.req, err)
+
+    # --- steps ----------------------------------------------------------------
+
+    def _on_close(self, msg: m.Close) -> None:
+        if msg.step in self.aborted:
+            self._fail(msg.req, self._error(E.StepAborted, "close of an aborted step", step=msg.step))
+            return
+        self._step(msg.step).close = msg
+
+    def _try_close(self, step: int, st: StepState) -> bool:
+        msg = st.close
+        assert msg is not None
+        for call in msg.calls:
+            c = self.calls.get(call)
+            if c is None:
+                self._fail(msg.req, self._error(E.ActorgradError, f"close names call {call}, unknown here", call, step))
+                self._drop_step(step)
+                return True
+            if c.status == "waiting":
+                return False
+        failed = None
+        for pid in msg.passes:
+            ps = self.passes.get(pid)
+            if ps is None:
+                failed = self._error(E.ActorgradError, f"close names pass {pid}, unknown here", step=step)
+                break
+            if ps.failed:
+                failed = self._error(E.StepAborted, f"pass {pid} failed in this step", step=step)
+                break
+            if not ps.complete:
+                return False
+        if failed is None:
+            for call in st.calls:
+                c = self.calls.get(call)
+                if c is not None and c.status == "failed":
+                    failed = E.from_info(c.error or {})
+                    break
+        if failed is not None:
+            self._fail(msg.req, failed)
+            self._drop_step(step)
+            self.aborted.add(step)
+            return True
+        pending = dict(self.pending.by_step.get(step, {}))
+        try:
+            applied = self.rule.on_close(self.updater, self.pending, step)
+        except E.ActorgradError as err:
+            self._fail(msg.req, err)
+            self._drop_step(step)
+            self.aborted.add(step)
+            return True
+        except Exception as exc:
+            self._fail(msg.req, self._error(E.WorkerError, f"update raised {type(exc).__name__}: {exc}",
+                                            step=step, exc=exc))
+            self._drop_step(step)
+            self.aborted.add(step)
+            return True
+        retain = set(map(tuple, msg.retain))
+        for key in [k for k, (s, _) in self.retained.items() if s < step]:
+            del self.retained[key]
+        for call in st.calls:
+            c = self.calls.get(call)
+            if c is None:
+                continue
+            for out, t in enumerate(c.outputs):
+                if (call, out) in retain:
+                    self.retained[(call, out)] = (step, t)
+        report = {
+            "worker": self.name,
+            "calls": len(st.calls),
+            "passes": len(st.passes),
+            "applied": bool(applied),
+            "grad_norm": grad_norm(pending) if pending else None,
+            "version": self.updater.version,
+        }
+        self._drop_step(step)
+        self.closed.add(step)
+        self._ack(msg.req, report)
+        return True
+
+    def _drop_step(self, step: int) -> None:
+        """Free everything a step holds here: calls, saved graphs, passes, pending gradients."""
+        st = self.steps.pop(step, None)
+        if st is None:
+            return
+        for call in st.calls:
+            c = self.calls.pop(call, None)
+            if c is not None:
+                self._release_stash(c.version)
+        for pid in st.passes:
+            self.passes.pop(pid, None)
+            self.early_grads.pop(pid, None)
+        self.pending.pop(step)
+
+    def _on_abort(self, msg: m.Abort) -> None:
+        self.aborted.add(msg.step)
+        err = self._error(E.StepAborted, f"step aborted: {msg.reason}", step=msg.step)
+        st = self.steps.get(msg.step)
+        if st is not None:
+            for call in st.calls:
+                c = self.calls.get(call)
+                if c is None:
+                    continue
+                if c.status == "waiting":
+                    self._fail(c.msg.req, err)
+                for req, _ in c.fetches:
+                    self._fail(req, err)
+            for pid in st.passes:
+                ps = self.passes.get(pid)
+                if ps is not None and not ps.complete and not ps.failed:
+                    self._fail(ps.req, err)
+            if st.close is not None:
+                self._fail(st.close.req, err)
+        self._drop_step(msg.step)
+        for call in [k for k, v in self.early_values.items() if any(s == msg.step for s, _, _ in v.values())]:
+            del self.early_values[call]
+        for pid in [p for p, gs in self.early_grads.items() if gs and gs[0].step == msg.step]:
+            del self.early_grads[pid]
+
+    def _advance(self) -> None:
+        """Run whatever became possible: ready forwards, their VJPs, closable steps (in order)."""
+        progress = True
+        while progress:
+            progress = self._run_ready_forwards()
+            for ps in list(self.passes.values()):
+                if not (ps.failed or ps.complete):
+                    for call in ps.ledger.calls():
+                        if call not in ps.done_calls:
+                            self._try_vjp(ps, call)
+            # Updates land in step order: only the earliest open step may close.
+            for step in sorted(self.steps):
+                st = self.steps[step]
+                if st.close is None or not self._try_close(step, st):
+                    break
+                progress = True
+
+    # --- state --------------------------------------------------------------
+
+    def _on_fetch(self, msg: m.Fetch) -> None:
+        c = self.calls.get(msg.call)
+        if c is None:
+            kept = self.retained.get((msg.call, msg.out))
+            if kept is not None:
+                self._ack(msg.req, kept[1])
+            else:
+                self._fail(msg.req, self._error(
+                    E.StepClosedError, f"the value of output {msg.out} was freed when its step closed; "
+                    "fetch it with .value() before the next step closes", msg.call))
+            return
+        if c.status == "failed":
+            self._fail(msg.req, E.from_info(c.error or {}))
+        elif c.status == "waiting":
+            c.fetches.append((msg.req, msg.out))
+        else:
+            self._answer_fetch(c, msg.req, msg.out)
+
+    def _answer_fetch(self, c: CallState, req: int, out: int) -> None:
+        if out >= len(c.outputs):
+            self._fail(req, self._error(E.ConfigError, f"output {out} requested but the call returned "
+                                        f"{len(c.outputs)}", c.id, c.step))
+        else:
+            self._ack(req, c.outputs[out])
+
+    def _on_get_state(self, msg: m.GetState) -> None:
+        sd = {k: v.detach().cpu() for k, v in self.module.state_dict().items()}
+        if msg.what == "module":
+            self._ack(msg.req, sd)
+            return
+        data = {
+            "module": sd,
+            "optimizer": self.optimizer.state_dict() if self.optimizer is not None else None,
+            "version": self.updater.version,
+        }
+        self._ack(msg.req, data)
+
+    def _on_set_state(self, msg: m.SetState) -> None:
+        state = msg.state
+        try:
+            if msg.what == "module":
+                self.module.load_state_dict(state)
+            else:
+                self.module.load_state_dict(state["module"])
+                if self.optimizer is not None and state.get("optimizer") is not None:
+                    self.optimizer.load_state_dict(_fix_optimizer_state(state["optimizer"]))
+                self.updater.version = int(state.get("version", self.updater.version))
+        except Exception as exc:
+            cls = E.ShapeError if "size mismatch" in str(exc) else E.ConfigError
+            self._fail(msg.req, self._error(cls, f"could not load state: {exc}", exc=exc))
+            return
+        # New weights: forwards from here on must not reuse a stash of the old ones.
+        self.updater.version += 1
+        self._ack(msg.req, None)
+
+    # --- introspection ------------------------------------------------------
+
+    def describe_missing(self) -> list[str]:
+        """Human-readable lines: what this worker is still waiting for."""
+        lines = []
+        for call in list(self.queue):
+            c = self.calls.get(call)
+            if c is None:
+                continue
+            missing = [i for i in range(len(c.msg.refs)) if i not in c.values]
+            if missing:
+                srcs = ", ".join(f"slot {i} from '{c.msg.refs[i].worker}' call {c.msg.refs[i].call}" for i in missing)
+                lines.append(f"call {call} (step {c.step}): forward waits for input {srcs}")
+            elif not self._gate_open(c.step):
+                lines.append(f"call {call} (step {c.step}): forward waits for the update of an earlier step")
+        for ps in list(self.passes.values()):
+            if ps.complete or ps.failed:
+                continue
+            for call, out, edge in ps.ledger.missing():
+                src = "the seed" if edge[0] == m.SEED else f"call {edge[0]} slot {edge[1]}"
+                lines.append(f"call {call} (pass {ps.id}): gradient for output {out} from {src}")
+        return lines
+
+
+def _fmt_edges(missing: list[tuple[int, int, tuple[int, int]]]) -> str:
+    if not missing:
+        return "nothing more"
+    return ", ".join(f"output {o} from call {e[0]} slot {e[1]}" for _, o, e in missing)
+
+
+def _looks_like_shape_error(exc: BaseException) -> bool:
+    return isinstance(exc, (RuntimeError, ValueError, IndexError)) and bool(_SHAPE_WORDS.search(str(exc)))
+
+
+def _to_device(tree: Any, device: torch.device) -> Any:
+    if device.type == "cpu":
+        return tree
+    if isinstance(tree, torch.Tensor):
+        return tree.to(device)
+    if isinstance(tree, list):
+        return [_to_device(x, device) for x in tree]
+    if isinstance(tree, tuple):
+        return tuple(_to_device(x, device) for x in tree)
+    if isinstance(tree, dict):
+        return {k: _to_device(v, device) for k, v in tree.items()}
+    return tree
+
+
+def _fix_optimizer_state(sd: dict) -> dict:
+    """msgpack turns tuples (Adam's betas) into lists; optimizers accept both, except where they index."""
+    groups = []
+    for g in sd.get("param_groups", []):
+        g = dict(g)
+        if isinstance(g.get("betas"), list):
+            g["betas"] = tuple(g["betas"])
+        groups.append(g)
+    return {"state": {int(k): v for k, v in sd.get("state", {}).items()}, "param_groups": groups}

@@ -1,0 +1,194 @@
+"""Caller-side handles: Worker, Node, Pass, StepHandle, StepReport. Each method asks the Runtime."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Optional, Sequence, Union
+
+import torch
+
+if TYPE_CHECKING:
+    from .core.graph import CallRecord
+    from .runtime import PassRecord, Runtime, StepRecord
+
+__all__ = ["Worker", "Node", "Pass", "StepHandle", "StepReport", "WorkerReport"]
+
+
+class Worker:
+    """A module living in its own worker; call it like the module."""
+
+    def __init__(self, runtime: "Runtime", name: str, actor: Any, module_class: str) -> None:
+        self._runtime = runtime
+        self.name = name
+        self.actor = actor
+        self.module_class = module_class
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Union["Node", tuple["Node", ...]]:
+        """One call of the module: returns a Node (a tuple of Nodes for a tuple output) at once."""
+        return self._runtime.call(self.name, args, kwargs)
+
+    def state_dict(self, timeout: Optional[float] = None) -> dict[str, torch.Tensor]:
+        """The module's parameters and buffers, fetched from its worker."""
+        return self._runtime.get_state(self.name, "module", timeout)
+
+    def load_state_dict(self, state_dict: dict[str, torch.Tensor], timeout: Optional[float] = None) -> None:
+        """Send parameters and buffers to the worker's module (strict, as in PyTorch)."""
+        self._runtime.set_state(self.name, "module", dict(state_dict), timeout)
+
+    def __repr__(self) -> str:
+        return f"Worker({self.name!r}, {self.module_class})"
+
+
+class Node:
+    """A handle on an activation that lives in a worker: output ``out`` of one call."""
+
+    __slots__ = ("_runtime", "call", "out", "detached", "_value", "__weakref__")
+
+    def __init__(self, runtime: "Runtime", call: "CallRecord", out: int, detached: bool = False) -> None:
+        self._runtime = runtime
+        self.call = call
+        self.out = out
+        self.detached = detached
+        self._value: Optional[torch.Tensor] = None
+
+    @property
+    def worker(self) -> str:
+        """The name of the worker that holds this activation."""
+        return self.call.worker
+
+    @property
+    def step(self) -> int:
+        """The step this activation belongs to."""
+        return self.call.step
+
+    @property
+    def shape(self) -> Optional[torch.Size]:
+        """The activation's shape, once its forward has reported it (else None)."""
+        meta = self.call.meta
+        if meta is None or self.out >= len(meta["outputs"]):
+            return None
+        return torch.Size(meta["outputs"][self.out][0])
+
+    def value(self, timeout: Optional[float] = None) -> torch.Tensor:
+        """Fetch the activation to the caller (waits for its forward)."""
+        return self._runtime.fetch(self, timeout)
+
+    def item(self, timeout: Optional[float] = None) -> Union[float, int, bool]:
+        """The activation as a Python number (it must hold one element)."""
+        return self.value(timeout).item()
+
+    def detach(self) -> "Node":
+        """The same value; consumers of the returned node send no gradient back through it."""
+        node = Node(self._runtime, self.call, self.out, detached=True)
+        node._value = self._value
+        self._runtime.track(node)
+        return node
+
+    def backward(self, gradient: Optional[torch.Tensor] = None) -> "Pass":
+        """Start one backward pass seeded here; returns at once (scalars are seeded with 1)."""
+        return self._runtime.backward([self], None if gradient is None else [gradient])
+
+    def __repr__(self) -> str:
+        d = ", detached" if self.detached else ""
+        return f"Node({self.call.worker!r}, call={self.call.id}, out={self.out}, step={self.call.step}{d})"
+
+
+class Pass:
+    """One backward pass in flight."""
+
+    def __init__(self, runtime: "Runtime", record: "PassRecord") -> None:
+        self._runtime = runtime
+        self._record = record
+
+    @property
+    def id(self) -> int:
+        """The pass's id (unique in this runtime)."""
+        return self._record.id
+
+    @property
+    def workers(self) -> list[str]:
+        """The workers this pass involves."""
+        return sorted(self._record.workers)
+
+    def done(self) -> bool:
+        """Whether every worker has finished its part of the pass (without waiting)."""
+        self._runtime.poll()
+        return not self._record.pending and self._record.error is None
+
+    def wait(self, timeout: Optional[float] = None) -> "Pass":
+        """Wait until every worker has finished its part of this pass."""
+        self._runtime.wait_pass(self._record, timeout)
+        return self
+
+    def __repr__(self) -> str:
+        state = "done" if not self._record.pending else f"waiting on {sorted(self._record.pending)}"
+        return f"Pass({self.id}, step={self._record.step.id}, {state})"
+
+
+@dataclass(frozen=True)
+class WorkerReport:
+    """One worker's part of a step."""
+
+    name: str
+    calls: int
+    passes: int
+    applied: bool
+    grad_norm: Optional[float]
+    version: int
+
+
+@dataclass(frozen=True)
+class StepReport:
+    """What a closed step did: per worker, its calls, passes, and whether it updated."""
+
+    step: int
+    workers: dict[str, WorkerReport] = field(default_factory=dict)
+    passes: int = 0
+    seconds: float = 0.0
+
+    @property
+    def updated(self) -> list[str]:
+        """Names of the workers that applied an update in this step."""
+        return sorted(n for n, w in self.workers.items() if w.applied)
+
+    def __str__(self) -> str:
+        return (
+            f"StepReport(step={self.step}, workers={len(self.workers)}, updated={len(self.updated)}, "
+            f"passes={self.passes}, {self.seconds * 1000:.1f} ms)"
+        )
+
+
+class StepHandle:
+    """A closed step whose updates may still be landing (``ag.step(wait=False)``)."""
+
+    def __init__(self, runtime: "Runtime", record: "StepRecord") -> None:
+        self._runtime = runtime
+        self._record = record
+
+    @property
+    def step(self) -> int:
+        """The step's number."""
+        return self._record.id
+
+    def done(self) -> bool:
+        """Whether every worker has applied this step's update (without waiting)."""
+        self._runtime.poll()
+        return self._record.report is not None
+
+    def wait(self, timeout: Optional[float] = None) -> StepReport:
+        """Wait until every worker has applied this step's update; return the report."""
+        return self._runtime.wait_step(self._record, timeout)
+
+    def __repr__(self) -> str:
+        return f"StepHandle(step={self.step}, done={self._record.report is not None})"
+
+
+def as_nodes(nodes: Sequence[Any]) -> list[Node]:
+    """Flatten arguments of ag.backward (nodes, or tuples of nodes)."""
+    out: list[Node] = []
+    for n in nodes:
+        if isinstance(n, (tuple, list)):
+            out.extend(as_nodes(n))
+        else:
+            out.append(n)
+    return out

@@ -1,0 +1,1 @@
+"""Transports move messages and host WorkerCores; they compute nothing."""
