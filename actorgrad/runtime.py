@@ -425,6 +425,12 @@ class Runtime:
             cid, req = next(self._ids), next(self._ids)
             rec = CallRecord(cid, worker, step.id, req, keys, grad_on)
             self.graph.add(rec)
+            if step.error is not None:
+                # The step already failed (its error is not raised yet): nothing is sent for it.
+                rec.failed = True
+                single, n = info.arity or (True, 1)
+                nodes = [Node(self, rec, k) for k in range(n)]
+                return nodes[0] if single else tuple(nodes)
             step.calls.setdefault(worker, []).append(cid)
             msg = m.Forward(req, cid, step.id, args_t, kwargs_t, tuple(refs), grad_on)
             p = self._request(worker, msg, "forward", step, rec)

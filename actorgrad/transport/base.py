@@ -81,33 +81,43 @@ class Host:
             expected += 1
         self._next_in[sender] = expected
 
+    async def drain(self) -> None:
+        """Wait until every message accepted so far has been handled."""
+        await self._inbox.join()
+
     async def _run(self) -> None:
         while True:
             data, reply = await self._inbox.get()
             try:
-                msg = codec.decode(data)
-            except E.DecodeError as err:
-                err.worker = self.name
-                log.error("%s: dropped a malformed message: %s", self.name, err.message)
-                if reply is not None:
-                    reply(codec.encode(m.Failure(-1, E.to_info(E.DecodeError(err.message, worker=self.name)))))
-                continue
+                await self._handle(data, reply)
+            finally:
+                self._inbox.task_done()
+
+    async def _handle(self, data: bytes, reply: Optional[ReplyFn]) -> None:
+        try:
+            msg = codec.decode(data)
+        except E.DecodeError as err:
+            err.worker = self.name
+            log.error("%s: dropped a malformed message: %s", self.name, err.message)
             if reply is not None:
-                self._replies[getattr(msg, "req", -1)] = reply
-            try:
-                out = await self._loop.run_in_executor(self._executor, self.core.handle, msg)
-            except Exception as exc:  # a bug in the core: answer the request, keep serving
-                log.exception("%s: internal error handling %s", self.name, type(msg).__name__)
-                out = []
-                req = getattr(msg, "req", None)
-                if req is not None:
-                    err = E.ActorgradError(f"internal error handling {type(msg).__name__}: {exc!r}", worker=self.name)
-                    out.append((None, m.Failure(req, E.to_info(err))))
-            for to, out_msg in out:
-                if to is None:
-                    self._reply(out_msg)
-                else:
-                    self.send(to, out_msg)
+                reply(codec.encode(m.Failure(-1, E.to_info(E.DecodeError(err.message, worker=self.name)))))
+            return
+        if reply is not None:
+            self._replies[getattr(msg, "req", -1)] = reply
+        try:
+            out = await self._loop.run_in_executor(self._executor, self.core.handle, msg)
+        except Exception as exc:  # a bug in the core: answer the request, keep serving
+            log.exception("%s: internal error handling %s", self.name, type(msg).__name__)
+            out = []
+            req = getattr(msg, "req", None)
+            if req is not None:
+                err = E.ActorgradError(f"internal error handling {type(msg).__name__}: {exc!r}", worker=self.name)
+                out.append((None, m.Failure(req, E.to_info(err))))
+        for to, out_msg in out:
+            if to is None:
+                self._reply(out_msg)
+            else:
+                self.send(to, out_msg)
 
     def _reply(self, msg: m.Message) -> None:
         fn = self._replies.pop(getattr(msg, "req", -1), None)
