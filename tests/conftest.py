@@ -28,7 +28,6 @@ def ray_session():
         paths = [here, os.path.dirname(here)] + [p for p in sys.path if p and os.path.isdir(p)]
         ray.init(
             num_cpus=2,
-            include_dashboard=False,
             logging_level="ERROR",
             runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(paths)}},
         )

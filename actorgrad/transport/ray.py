@@ -118,7 +118,7 @@ class RayTransport:
     def __init__(self, address: Optional[str] = None, **ray_kwargs: Any) -> None:
         self.started_ray = False
         if not ray.is_initialized():
-            kwargs = {"logging_level": logging.WARNING, "include_dashboard": False}
+            kwargs: dict[str, Any] = {"logging_level": logging.WARNING}
             if address is None:
                 # Workers of an embedded instance import what this script imports.
                 paths = [p for p in sys.path if p and os.path.isdir(p)]
