@@ -210,6 +210,12 @@ class Runtime:
                 name=p.worker, calls=int(d["calls"]), passes=int(d["passes"]), applied=bool(d["applied"]),
                 grad_norm=d.get("grad_norm"), version=int(d["version"]))
             step.close_pending.discard(p.worker)
+            # A worker closes a step only after finishing all of its passes; its pass
+            # replies may still be on their way (Ray does not order replies).
+            for pid in step.pass_workers.get(p.worker, []):
+                prec = step.passes.get(pid)
+                if prec is not None:
+                    prec.pending.discard(p.worker)
 
     def _on_failure(self, p: Pending) -> None:
         err = p.error

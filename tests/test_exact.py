@@ -277,7 +277,7 @@ def test_random_dag_equals_pytorch(backend, seed):
         passes = [lo.backward() for lo in losses]  # one independent pass per loss
         got_losses = [lo.item() for lo in losses]
         report = ag.step()
-        assert all(p.done() for p in passes)
+        not_done = [repr(p) for p in passes if not p.done()]  # ag.step() waits for every pass of the step
 
         for opt in oracle_opts:
             if opt is not None:
@@ -291,8 +291,9 @@ def test_random_dag_equals_pytorch(backend, seed):
         where = f"seed {seed}, step {step}"
         torch.testing.assert_close(torch.tensor(got_losses), torch.tensor([v.item() for v in want]),
                                    atol=ATOL, rtol=RTOL, msg=lambda m: f"{where}: losses: {m}")
-        assert report.updated == trainable, where
         assert_state_equal(by_name, oracle_by_name, where)
+        assert report.updated == trainable, where
+        assert not not_done, f"{where}: passes not done after ag.step() returned: {not_done}"
 
 
 @pytest.mark.parametrize("trunk_opt, ordered", [("sgd", False), ("adam", True), ("sgd_momentum", True)])

@@ -477,3 +477,18 @@ def test_step_report_lists_updated_workers(backend):
     assert report2.passes == 2
     report3 = ag.step()  # an empty step updates nothing
     assert report3.updated == []
+
+
+def test_step_report_lists_update_pass_workers(backend):
+    """A worker with update="pass" that applied its updates during the step is listed as updated."""
+    torch.manual_seed(12)
+    trunk = ag.spawn(nn.Linear(D, D), name="trunk", optimizer=sgd(), update="pass")
+    head = ag.spawn(nn.Linear(D, 1), name="head", optimizer=sgd())
+    mse = ag.spawn(nn.MSELoss(), name="mse")
+    before = snapshot(trunk)
+    x, y = torch.randn(B, D), torch.randn(B, 1)
+    mse(head(trunk(x)), y).backward().wait()
+    report = ag.step()
+    assert not unchanged(trunk, before)  # it did update, during the pass
+    assert report.updated == ["head", "trunk"], report.workers
+    assert report.workers["trunk"].applied

@@ -121,8 +121,8 @@ class StepState:
     calls: list[int] = field(default_factory=list)
     passes: list[int] = field(default_factory=list)
     close: Optional[m.Close] = None
-    applied: bool = False
-    grad_norm: Optional[float] = None
+    applied: bool = False  # an update landed during the step (rules "pass", callables)
+    grads: dict[str, torch.Tensor] = field(default_factory=dict)  # every parameter gradient of the step
 
 
 class WorkerCore:
@@ -506,6 +506,9 @@ class WorkerCore:
                                             step=ps.step, exc=exc))
             return
         norm = grad_norm(ps.param_grads) if ps.param_grads else None
+        st = self._step(ps.step)
+        st.applied = st.applied or applied
+        add_grads(st.grads, ps.param_grads)
         ps.arrived.clear()
         ps.param_grads = {}
         self._ack(ps.req, {"worker": self.name, "calls": len(ps.done_calls), "applied": applied, "grad_norm": norm})
@@ -558,7 +561,6 @@ class WorkerCore:
             self._drop_step(step)
             self.aborted.add(step)
             return True
-        pending = dict(self.pending.by_step.get(step, {}))
         try:
             applied = self.rule.on_close(self.updater, self.pending, step)
         except E.ActorgradError as err:
@@ -586,8 +588,8 @@ class WorkerCore:
             "worker": self.name,
             "calls": len(st.calls),
             "passes": len(st.passes),
-            "applied": bool(applied),
-            "grad_norm": grad_norm(pending) if pending else None,
+            "applied": bool(applied or st.applied),
+            "grad_norm": grad_norm(st.grads) if st.grads else None,
             "version": self.updater.version,
         }
         self._drop_step(step)

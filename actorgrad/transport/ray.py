@@ -83,6 +83,15 @@ class RayHost:
         self._ensure_host()
         return self._core.name
 
+    async def stop(self) -> None:
+        """Stop the host loop cleanly before the process is killed."""
+        if self._host is not None:
+            self._host.stop()
+            try:
+                await self._host.task
+            except BaseException:  # cancelled: that is the point
+                pass
+
     async def node_id(self) -> str:
         """The Ray node this worker runs on."""
         return ray.get_runtime_context().get_node_id()
@@ -194,7 +203,11 @@ class RayTransport:
                 pass
 
     def close(self) -> None:
-        """Kill every worker; shut Ray down if this transport started it."""
+        """Stop and kill every worker; shut Ray down if this transport started it."""
+        try:
+            ray.wait([a.stop.remote() for a in self._actors.values()], num_returns=len(self._actors), timeout=5)
+        except Exception:  # dead workers cannot stop themselves
+            pass
         for name in list(self._actors):
             self.kill(name)
         if self.started_ray:
