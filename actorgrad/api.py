@@ -23,8 +23,12 @@ BACKENDS = ("ray", "local")
 
 
 def init(address: Optional[str] = None, *, backend: str = "ray", timeout: float = DEFAULT_TIMEOUT,
-         **ray_kwargs: Any) -> Runtime:
-    """Start or join the runtime (idempotent); ``backend="local"`` runs every worker in this process."""
+         trace: Optional[str] = None, **ray_kwargs: Any) -> Runtime:
+    """Start or join the runtime (idempotent); ``backend="local"`` runs every worker in this process.
+
+    ``timeout`` is the default deadline of every wait; ``trace="run.json"`` records a timeline of
+    every worker and writes it at ``ag.shutdown()``.
+    """
     global _runtime, _init_args
     with _lock:
         if backend not in BACKENDS:
@@ -46,7 +50,7 @@ def init(address: Optional[str] = None, *, backend: str = "ray", timeout: float 
             from .transport.ray import RayTransport
 
             transport = RayTransport(address, **ray_kwargs)
-        _runtime = Runtime(transport, timeout=float(timeout))
+        _runtime = Runtime(transport, timeout=float(timeout), trace=trace)
         _init_args = (address, backend)
         log.info("actorgrad started (backend=%s)", backend)
         return _runtime
@@ -111,6 +115,20 @@ def no_grad() -> Iterator[None]:
         yield
     finally:
         rt.push_no_grad(-1)
+
+
+@contextlib.contextmanager
+def trace(path: str) -> Iterator[str]:
+    """Record a timeline of every worker inside the block; write it to ``path`` (Chrome trace JSON)."""
+    rt = _current()
+    was = rt.tracer.enabled
+    rt.set_tracing(True)
+    try:
+        yield path
+    finally:
+        rt.collect_trace(path)
+        if not was:
+            rt.set_tracing(False)
 
 
 def save(path: str, timeout: Optional[float] = None) -> None:

@@ -31,6 +31,10 @@ class Worker:
         """The module's parameters and buffers, fetched from its worker."""
         return self._runtime.get_state(self.name, "module", timeout)
 
+    def stats(self, timeout: Optional[float] = None) -> dict[str, int]:
+        """What the worker holds now: calls, saved graphs, stashed weights, passes, open steps."""
+        return self._runtime.get_state(self.name, "stats", timeout)
+
     def load_state_dict(self, state_dict: dict[str, torch.Tensor], timeout: Optional[float] = None) -> None:
         """Send parameters and buffers to the worker's module (strict, as in PyTorch)."""
         self._runtime.set_state(self.name, "module", dict(state_dict), timeout)

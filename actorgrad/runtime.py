@@ -29,6 +29,7 @@ from .core import messages as m
 from .core.graph import CallRecord, Graph
 from .core.worker import WorkerSpec
 from .handles import Node, Pass, StepHandle, StepReport, Worker, WorkerReport
+from .trace import Tracer, now_us, write_trace
 
 log = logging.getLogger("actorgrad.runtime")
 
@@ -100,8 +101,10 @@ class Pending:
 class Runtime:
     """The caller's side of actorgrad."""
 
-    def __init__(self, transport: Any, timeout: float = DEFAULT_TIMEOUT) -> None:
+    def __init__(self, transport: Any, timeout: float = DEFAULT_TIMEOUT, trace: Optional[str] = None) -> None:
         self.transport = transport
+        self.trace_path = trace
+        self.tracer = Tracer("caller", enabled=trace is not None)
         self.backend = transport.name
         self.timeout = float(timeout)
         self.workers: dict[str, WorkerInfo] = {}
@@ -279,6 +282,16 @@ class Runtime:
         timeout: Optional[float],
     ) -> None:
         """Process replies until ``done()``; raise the step's error, or DeadlineExceeded."""
+        if not self.tracer.enabled:
+            return self._pump_loop(done, deadline, step, what, timeout)
+        t0 = now_us()
+        try:
+            return self._pump_loop(done, deadline, step, what, timeout)
+        finally:
+            if now_us() - t0 > 50:
+                self.tracer.span("wait", t0, now_us(), what=what()[0])
+
+    def _pump_loop(self, done, deadline, step, what, timeout) -> None:
         while True:
             self._drain()
             if step is not None and step.error is not None:
@@ -361,7 +374,7 @@ class Runtime:
                        "update": update if isinstance(update, str) else "callable", "max_staleness": max_staleness}
             threads = int(num_cpus) if num_cpus else None
             spec = WorkerSpec(name=name, module=module, optimizer=opt, update=update, max_staleness=max_staleness,
-                              device=device, num_threads=threads)
+                              device=device, num_threads=threads, trace=self.tracer.enabled)
             actor = self.transport.spawn(spec, options)
             handle = Worker(self, name, actor, cls)
             self.workers[name] = WorkerInfo(
@@ -588,6 +601,10 @@ class Runtime:
             self.step = self._open_step(step.id + 1)
             handle = StepHandle(self, step)
             if not wait:
+                # Back-pressure: at most (largest max_staleness + 1) steps may be closing at once.
+                limit = 1 + max((w.options.get("max_staleness", 0) for w in self.workers.values()), default=0)
+                while len(self._closing) > limit:
+                    self.wait_step(self._closing[0], timeout)
                 return handle
             for earlier in list(self._closing):
                 if earlier is not step:
@@ -670,11 +687,36 @@ class Runtime:
 
     # --- lifecycle -------------------------------------------------------------
 
+    def set_tracing(self, enabled: bool) -> None:
+        """Switch recording of timeline events on or off, here and in every worker."""
+        with self._lock:
+            self.tracer.enabled = enabled
+            for name in list(self.workers):
+                self._simple_request(name, m.SetState(next(self._ids), "trace", enabled), None,
+                                     f"switching tracing in '{name}'")
+
+    def collect_trace(self, path: str) -> str:
+        """Gather every worker's timeline events and write them to ``path`` (Chrome trace JSON)."""
+        with self._lock:
+            tracks = {"caller": self.tracer.take()}
+            for name in sorted(self.workers):
+                try:
+                    tracks[name] = self.get_state(name, "trace", 30.0)
+                except E.ActorgradError as err:
+                    log.warning("no trace from worker %s: %s", name, err)
+                    tracks[name] = []
+            return write_trace(path, tracks)
+
     def shutdown(self) -> None:
-        """Stop every worker and the transport."""
+        """Stop every worker and the transport (writing the trace first, if one was asked for)."""
         with self._lock:
             if self.closed:
                 return
+            if self.trace_path is not None:
+                try:
+                    self.collect_trace(self.trace_path)
+                except Exception:
+                    log.exception("could not write the trace to %s", self.trace_path)
             self.closed = True
             try:
                 self.transport.close()

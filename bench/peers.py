@@ -133,7 +133,9 @@ def _stage_name(i: int) -> str:
     return f"stage{i}"
 
 
-def _rpc_init(name: str, rank: int, world_size: int, port: int, threads: int) -> None:
+def _rpc_init(
+    name: str, rank: int, world_size: int, port: int, threads: int, transports: list[str] | None
+) -> None:
     """Loopback-only environment, thread count and init_rpc for one process."""
     from torch.distributed import rpc
 
@@ -145,13 +147,16 @@ def _rpc_init(name: str, rank: int, world_size: int, port: int, threads: int) ->
         num_worker_threads=_RPC_WORKER_THREADS,
         init_method=f"tcp://127.0.0.1:{port}",
         rpc_timeout=_RPC_TIMEOUT_S,
+        _transports=transports,
     )
     rpc.init_rpc(name, rank=rank, world_size=world_size, rpc_backend_options=opts)
 
 
-def _rpc_worker(i: int, world_size: int, port: int, threads: int) -> None:
+def _rpc_worker(
+    i: int, world_size: int, port: int, threads: int, transports: list[str] | None
+) -> None:
     """Process body of stage worker i: serve RPCs until the graceful shutdown."""
-    _rpc_init(_stage_name(i), i + 1, world_size, port, threads)
+    _rpc_init(_stage_name(i), i + 1, world_size, port, threads, transports)
     from torch.distributed import rpc
 
     rpc.shutdown()
@@ -181,6 +186,7 @@ def _rpc_master(
     world_size: int,
     port: int,
     threads: int,
+    transports: list[str] | None,
     out_path: str,
 ) -> None:
     """Process body of the master: build the pipeline, train, save (times, states) or the error to out_path."""
@@ -189,7 +195,7 @@ def _rpc_master(
     from torch.distributed.optim import DistributedOptimizer
 
     result: dict[str, Any]
-    _rpc_init(_MASTER_NAME, 0, world_size, port, threads)
+    _rpc_init(_MASTER_NAME, 0, world_size, port, threads, transports)
     try:
         stages = [
             rpc.remote(_stage_name(i), _Stage, args=(p,)) for i, p in enumerate(params)
@@ -245,28 +251,32 @@ def run_rpc(
     lr: float,
     threads_per_worker: int = 1,
     *,
+    transports: Sequence[str] | None = None,
     timeout_s: float = 900.0,
 ) -> tuple[list[float], list[StateDict]]:
     """torch.distributed.rpc with distributed autograd and DistributedOptimizer, one process per stage."""
+    # transports: TensorPipe's _transports (None: its default, which picks "shm" on one host;
+    # ["uv"]: TCP on loopback only). timeout_s bounds the whole run; children are killed past it.
     # Spawned children re-import the caller's __main__: callers need the `if __name__ == "__main__":` guard.
     ctx = multiprocessing.get_context("spawn")
     S = len(params)
     world_size = S + 1
     port = _free_port()
+    tp = None if transports is None else list(transports)
     params = [{k: v.detach().clone() for k, v in p.items()} for p in params]
     data = [(x.detach().clone(), y.detach().clone()) for x, y in data]
     with tempfile.TemporaryDirectory(prefix="bench-rpc-") as tmp:
         out_path = os.path.join(tmp, "result.pt")
         master = ctx.Process(
             target=_rpc_master,
-            args=(params, data, lr, world_size, port, threads_per_worker, out_path),
+            args=(params, data, lr, world_size, port, threads_per_worker, tp, out_path),
             name="rpc-master",
             daemon=True,
         )
         workers = [
             ctx.Process(
                 target=_rpc_worker,
-                args=(i, world_size, port, threads_per_worker),
+                args=(i, world_size, port, threads_per_worker, tp),
                 name=f"rpc-{_stage_name(i)}",
                 daemon=True,
             )
@@ -330,7 +340,7 @@ def median_ms(times: Sequence[float], skip: int) -> float:
 
 
 def main() -> None:
-    """Run plain (1 thread and default threads) and rpc at the small and large sizes and log the results."""
+    """Run plain (1 thread, default threads) and rpc (default and uv-only transports) at both sizes and log the results."""
     lr = 0.01
     S = 4
     sizes = [("small", 64, 32, 20, 3), ("large", 2048, 256, 5, 1)]
@@ -341,21 +351,23 @@ def main() -> None:
         t_p1, s_p1 = run_plain(params, data, lr, threads=1)
         t_pd, s_pd = run_plain(params, data, lr, threads=None)
         t_r, s_r = run_rpc(params, data, lr, threads_per_worker=1)
+        t_u, s_u = run_rpc(params, data, lr, threads_per_worker=1, transports=["uv"])
         logger.info(
             "%s (S=%d d=%d batch=%d steps=%d, median after %d warm-up): "
-            "plain 1 thread %.2f ms | plain %d threads %.2f ms | rpc %.2f ms (1-min load average %.1f)",
+            "plain 1 thread %.2f ms | plain %d threads %.2f ms | rpc %.2f ms | rpc uv-only %.2f ms "
+            "(1-min load average %.1f)",
             label, S, d, batch, steps, skip,
-            median_ms(t_p1, skip), default_threads, median_ms(t_pd, skip), median_ms(t_r, skip),
-            os.getloadavg()[0],
+            median_ms(t_p1, skip), default_threads, median_ms(t_pd, skip),
+            median_ms(t_r, skip), median_ms(t_u, skip), os.getloadavg()[0],
         )
         logger.info(
             "%s: params plain(1)==plain(default) %s; plain==rpc %s (max |diff| %.3g, "
             "%.3g of the largest update %.3g)",
             label,
             params_match(s_p1, s_pd),
-            params_match(s_p1, s_r),
-            max_abs_diff(s_p1, s_r),
-            update_rel_diff(params, s_p1, s_r),
+            params_match(s_p1, s_r) and params_match(s_p1, s_u),
+            max(max_abs_diff(s_p1, s_r), max_abs_diff(s_p1, s_u)),
+            max(update_rel_diff(params, s_p1, s_r), update_rel_diff(params, s_p1, s_u)),
             max_abs_diff(s_p1, params),
         )
 

@@ -38,6 +38,7 @@ from . import messages as m
 from .ledger import Arrival, Ledger
 from .rules import PendingGrads, Rule, Updater, add_grads, grad_norm, make_rule
 from .vjp import Saved, default_vjp, make_leaves, run_forward
+from ..trace import MESSAGE_TID, Tracer, now_us
 
 log = logging.getLogger("actorgrad.worker")
 
@@ -61,6 +62,7 @@ class WorkerSpec:
     max_staleness: int = 0
     device: Optional[str] = None
     num_threads: Optional[int] = None
+    trace: bool = False
 
 
 @dataclass
@@ -76,6 +78,9 @@ class CallState:
     routes: list[m.Route] = field(default_factory=list)
     fetches: list[tuple[int, int]] = field(default_factory=list)  # (req, out)
     error: Optional[dict] = None
+    snapshot: Optional[int] = None  # key of the stale weights this call used (max_staleness > 0)
+    arrived_us: float = 0.0
+    done_us: float = 0.0
 
     @property
     def id(self) -> int:
@@ -112,6 +117,7 @@ class PassState:
     param_grads: dict[str, torch.Tensor] = field(default_factory=dict)
     complete: bool = False
     failed: bool = False
+    created_us: float = 0.0
 
 
 @dataclass
@@ -151,6 +157,13 @@ class WorkerCore:
         self.retained: dict[tuple[int, int], tuple[int, torch.Tensor]] = {}
         self.stash: dict[int, dict[str, torch.Tensor]] = {}
         self.stash_refs: dict[int, int] = {}
+        # max_staleness = k > 0: the weights after each recent step's close (0: the initial ones);
+        # a forward of step s uses those after step s-1-k. See [Note: weight stashing] in rules.py.
+        self.snapshots: dict[int, dict[str, torch.Tensor]] = {}
+        self.snapshot_refs: dict[int, int] = {}
+        if self.max_staleness > 0:
+            self.snapshots[0] = self._clone_params()
+        self.tracer = Tracer(self.name, spec.trace)
         self._out: list[Out] = []
 
     # --- entry point --------------------------------------------------------
@@ -218,7 +231,7 @@ class WorkerCore:
         if msg.call in self.calls:
             log.warning("%s: duplicate forward for call %d ignored", self.name, msg.call)
             return
-        c = CallState(msg)
+        c = CallState(msg, arrived_us=now_us() if self.tracer.enabled else 0.0)
         for slot, (step, from_call, t) in self.early_values.pop(msg.call, {}).items():
             c.values[slot] = t
         self.calls[msg.call] = c
@@ -266,6 +279,40 @@ class WorkerCore:
         self.stash_refs[v] = self.stash_refs.get(v, 0) + 1
         return self.stash[v]
 
+    def _clone_params(self) -> dict[str, torch.Tensor]:
+        return {n: p.detach().clone().requires_grad_(p.requires_grad) for n, p in self.module.named_parameters()}
+
+    def _snapshot_for(self, step: int) -> int:
+        """The snapshot a forward of ``step`` uses: the latest one taken at or before step - 1 - k."""
+        target = step - 1 - self.max_staleness
+        key = max((k for k in self.snapshots if k <= target), default=min(self.snapshots))
+        self.snapshot_refs[key] = self.snapshot_refs.get(key, 0) + 1
+        return key
+
+    def _take_snapshot(self, step: int) -> None:
+        """After closing ``step``: keep its weights, and drop those no future forward can need."""
+        self.snapshots[step] = self._clone_params()
+        # Any later forward has step >= step + 1 and so uses a key <= step - k: the newest such key
+        # and everything after it stay; older ones go once no live call uses them.
+        floor = max((k for k in self.snapshots if k <= step - self.max_staleness), default=None)
+        for key in [k for k in self.snapshots if floor is not None and k < floor]:
+            if self.snapshot_refs.get(key, 0) <= 0:
+                del self.snapshots[key]
+                self.snapshot_refs.pop(key, None)
+
+    def _release_call_weights(self, c: CallState) -> None:
+        self._release_stash(c.version)
+        c.version = None
+        if c.snapshot is not None:
+            key, c.snapshot = c.snapshot, None
+            self.snapshot_refs[key] = self.snapshot_refs.get(key, 1) - 1
+            newest = max(self.snapshots, default=None)
+            floor = max((k for k in self.snapshots if newest is not None and k <= newest - self.max_staleness),
+                        default=None)
+            if self.snapshot_refs[key] <= 0 and floor is not None and key < floor:
+                self.snapshots.pop(key, None)
+                self.snapshot_refs.pop(key, None)
+
     def _release_stash(self, version: Optional[int]) -> None:
         if version is None or version not in self.stash_refs:
             return
@@ -279,26 +326,35 @@ class WorkerCore:
         values = [c.values[i].to(self.device) for i in range(len(msg.refs))]
         leaves = make_leaves(values, [r.grad and msg.save for r in msg.refs])
         params = None
-        if msg.save and self.stashes:
+        if self.max_staleness > 0:
+            c.snapshot = self._snapshot_for(c.step)
+            params = self.snapshots[c.snapshot]
+        elif msg.save and self.stashes:
             params = self._stash_params()
             c.version = self.updater.version
+        t0 = now_us() if self.tracer.enabled else 0.0
         try:
             args = _to_device(msg.args, self.device)
             kwargs = _to_device(msg.kwargs, self.device)
             outputs, single, saved = run_forward(self.module, args, kwargs, leaves, params, msg.save)
         except Exception as exc:  # the user's module raised
-            self._release_stash(c.version)
-            c.version = None
+            self._release_call_weights(c)
             cls = E.ForwardShapeError if _looks_like_shape_error(exc) else E.WorkerError
             err = self._error(cls, f"forward raised {type(exc).__name__}: {exc}", msg.call, msg.step, exc)
             self._fail_call(c, err)
             return
+        if self.tracer.enabled:
+            c.done_us = now_us()
+            if t0 - c.arrived_us > 50:
+                self.tracer.span("wait", c.arrived_us, t0, tid=MESSAGE_TID, call=c.id, step=c.step, waits="inputs")
+            self.tracer.span("forward", t0, c.done_us, call=c.id, step=c.step)
         c.status = "done"
         c.outputs = [o.detach() for o in outputs]
         c.saved = saved
         meta = {
             "single": single,
             "outputs": [[list(o.shape), str(o.dtype).removeprefix("torch."), bool(o.requires_grad)] for o in outputs],
+            "version": self.updater.version if c.snapshot is None else -c.snapshot - 1,
         }
         self._ack(msg.req, meta)
         for route in c.routes:
@@ -341,7 +397,7 @@ class WorkerCore:
         if msg.step in self.aborted:
             self._fail(msg.req, self._error(E.StepAborted, "pass of an aborted step", step=msg.step))
             return
-        ps = PassState(msg.pass_id, msg.step, msg.req)
+        ps = PassState(msg.pass_id, msg.step, msg.req, created_us=now_us() if self.tracer.enabled else 0.0)
         self.passes[msg.pass_id] = ps
         self._step(msg.step).passes.append(msg.pass_id)
         for e in msg.expect:
@@ -403,9 +459,15 @@ class WorkerCore:
         if c.status == "failed":
             self._fail_pass(ps, E.from_info(c.error or {}))
             return
+        t0 = now_us() if self.tracer.enabled else 0.0
         try:
             grad_outputs = self._sum_arrived(ps, c)
             input_grads, param_grads = self._vjp(c, grad_outputs)
+            if self.tracer.enabled:
+                ready = max(ps.created_us, c.done_us)
+                if t0 - ready > 50:
+                    self.tracer.span("wait", ready, t0, tid=MESSAGE_TID, call=call, pass_id=ps.id, waits="gradients")
+                self.tracer.span("backward", t0, now_us(), call=call, pass_id=ps.id, step=ps.step)
         except E.ActorgradError as err:
             self._fail_pass(ps, err)
             return
@@ -495,7 +557,10 @@ class WorkerCore:
     def _complete_pass(self, ps: PassState) -> None:
         ps.complete = True
         try:
+            t0 = now_us() if self.tracer.enabled else 0.0
             applied = self.rule.on_pass(self.updater, self.pending, ps.step, ps.id, ps.param_grads)
+            if applied:
+                self.tracer.span("update", t0, now_us(), step=ps.step, pass_id=ps.id)
         except E.ActorgradError as err:
             ps.complete = False
             self._fail_pass(ps, err)
@@ -562,7 +627,12 @@ class WorkerCore:
             self.aborted.add(step)
             return True
         try:
+            t0 = now_us() if self.tracer.enabled else 0.0
             applied = self.rule.on_close(self.updater, self.pending, step)
+            if applied:
+                self.tracer.span("update", t0, now_us(), step=step)
+            if self.max_staleness > 0:
+                self._take_snapshot(step)
         except E.ActorgradError as err:
             self._fail(msg.req, err)
             self._drop_step(step)
@@ -605,7 +675,7 @@ class WorkerCore:
         for call in st.calls:
             c = self.calls.pop(call, None)
             if c is not None:
-                self._release_stash(c.version)
+                self._release_call_weights(c)
         for pid in st.passes:
             self.passes.pop(pid, None)
             self.early_grads.pop(pid, None)
@@ -680,7 +750,29 @@ class WorkerCore:
         else:
             self._ack(req, c.outputs[out])
 
+    def stats(self) -> dict[str, int]:
+        """Counts of what this worker holds: calls, saved graphs, weight copies, passes, steps."""
+        return {
+            "calls": len(self.calls),
+            "saved": sum(1 for c in self.calls.values() if c.saved is not None),
+            "stashed_versions": len(self.stash),
+            "snapshots": len(self.snapshots),
+            "retained": len(self.retained),
+            "passes": len(self.passes),
+            "open_steps": len(self.steps),
+            "queued_forwards": len(self.queue),
+            "early_messages": len(self.early_values) + len(self.early_grads),
+            "pending_grads": len(self.pending.by_step),
+            "version": self.updater.version,
+        }
+
     def _on_get_state(self, msg: m.GetState) -> None:
+        if msg.what == "stats":
+            self._ack(msg.req, self.stats())
+            return
+        if msg.what == "trace":
+            self._ack(msg.req, self.tracer.take())
+            return
         sd = {k: v.detach().cpu() for k, v in self.module.state_dict().items()}
         if msg.what == "module":
             self._ack(msg.req, sd)
@@ -694,6 +786,10 @@ class WorkerCore:
 
     def _on_set_state(self, msg: m.SetState) -> None:
         state = msg.state
+        if msg.what == "trace":
+            self.tracer.enabled = bool(state)
+            self._ack(msg.req, None)
+            return
         try:
             if msg.what == "module":
                 self.module.load_state_dict(state)
@@ -706,8 +802,11 @@ class WorkerCore:
             cls = E.ShapeError if "size mismatch" in str(exc) else E.ConfigError
             self._fail(msg.req, self._error(cls, f"could not load state: {exc}", exc=exc))
             return
-        # New weights: forwards from here on must not reuse a stash of the old ones.
+        # New weights: forwards from here on must not reuse a stash or snapshot of the old ones.
         self.updater.version += 1
+        if self.max_staleness > 0:
+            self.snapshots = {max(self.snapshots, default=0): self._clone_params()}
+            self.snapshot_refs = {}
         self._ack(msg.req, None)
 
     # --- introspection ------------------------------------------------------

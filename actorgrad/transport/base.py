@@ -104,6 +104,8 @@ class Host:
             return
         if reply is not None:
             self._replies[getattr(msg, "req", -1)] = reply
+        if self.core.tracer.enabled:
+            self.core.tracer.instant("recv", type=type(msg).__name__)
         try:
             out = await self._loop.run_in_executor(self._executor, self.core.handle, msg)
         except Exception as exc:  # a bug in the core: answer the request, keep serving
@@ -133,6 +135,8 @@ class Host:
         """Encode and send one message to a peer, numbering it on this channel."""
         seq = self._next_out.get(to, 0)
         self._next_out[to] = seq + 1
+        if self.core.tracer.enabled:
+            self.core.tracer.instant("send", to=to, type=type(msg).__name__)
         data = codec.encode(msg)
         if to == self.name:
             self.accept(self.name, seq, data)

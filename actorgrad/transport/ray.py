@@ -1,18 +1,24 @@
 """Ray transport: each worker is a named async actor hosting a WorkerCore.
 
-Messages go from worker to worker as fire-and-forget actor calls
-(``deliver``); the caller's requests are actor calls whose result is the
-encoded reply. Ray does placement, lifecycle, failure detection and, for
-large frames, the object store. This is the only module that imports Ray.
+Ray does placement, lifecycle and failure detection. Messages themselves go
+over direct channels (channels.py): each worker serves a Unix socket and a
+TCP port whose address the others learn through Ray, and the caller keeps one
+connection per worker on an IO thread; a connection that drops fails every
+request waiting on it with WorkerDied. With ``channels=False`` (or when a
+channel cannot be opened) messages go as fire-and-forget actor calls
+(``deliver``) and requests as actor calls instead. This is the only module
+that imports Ray.
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures as cf
+import itertools
 import logging
 import os
 import sys
+import threading
 import uuid
 from typing import Any, Optional
 
@@ -22,6 +28,7 @@ import ray.exceptions
 from .. import errors as E
 from ..core.worker import WorkerCore, WorkerSpec
 from .base import CALLER, Host
+from .channels import MSG, Channel, ChannelServer, pack_frame
 
 log = logging.getLogger("actorgrad.transport.ray")
 
@@ -42,13 +49,43 @@ class RayHost:
         self._core = WorkerCore(spec)
         self._host: Optional[Host] = None
         self._peers: dict[str, Any] = {}
+        self._channels: dict[str, Channel] = {}
+        self._server: Optional[ChannelServer] = None
+        self._node = ray.get_runtime_context().get_node_id()
 
     def _ensure_host(self) -> Host:
         if self._host is None:
             self._host = Host(self._core, self._send, asyncio.get_running_loop())
         return self._host
 
+    async def address(self) -> dict:
+        """Start serving direct channels (once); return where peers connect."""
+        host = self._ensure_host()
+        if self._server is None:
+            self._server = ChannelServer(host.accept, self._core.name, ray.util.get_node_ip_address())
+            await self._server.start(self._node)
+        return self._server.address
+
+    async def _peer_address(self, to: str) -> dict:
+        return await self._peer(to).address.remote()
+
+    def _peer(self, to: str) -> Any:
+        peer = self._peers.get(to)
+        if peer is None:
+            peer = ray.get_actor(to, namespace=self._namespace)
+            self._peers[to] = peer
+        return peer
+
     def _send(self, to: str, sender: str, seq: int, data: bytes) -> None:
+        if self._server is not None:  # channels are on: the caller asked for our address
+            ch = self._channels.get(to)
+            if ch is None:
+                ch = Channel(asyncio.get_running_loop(), to, lambda: self._peer_address(to), self._node)
+                self._channels[to] = ch
+            if ch.failed is None:
+                ch.send(pack_frame(MSG, sender, seq, None, data))
+                return
+            log.warning("%s: channel to %s failed (%s); using a Ray call", sender, to, ch.failed)
         peer = self._peers.get(to)
         if peer is None:
             try:
@@ -85,6 +122,9 @@ class RayHost:
 
     async def stop(self) -> None:
         """Stop the host loop cleanly before the process is killed."""
+        await asyncio.gather(*(ch.closed() for ch in self._channels.values()), return_exceptions=True)
+        if self._server is not None:
+            self._server.close()
         if self._host is not None:
             self._host.stop()
             try:
@@ -124,8 +164,11 @@ class RayTransport:
 
     name = "ray"
 
-    def __init__(self, address: Optional[str] = None, **ray_kwargs: Any) -> None:
+    def __init__(self, address: Optional[str] = None, channels: Optional[bool] = None, **ray_kwargs: Any) -> None:
         self.started_ray = False
+        if channels is None:
+            channels = os.environ.get("ACTORGRAD_CHANNELS", "1") != "0"
+        self.channels = channels
         if not ray.is_initialized():
             kwargs: dict[str, Any] = {"logging_level": logging.WARNING}
             if address is None:
@@ -139,6 +182,15 @@ class RayTransport:
             self.started_ray = True
         self.namespace = f"actorgrad-{uuid.uuid4().hex[:8]}"
         self._actors: dict[str, Any] = {}
+        self._node = ray.get_runtime_context().get_node_id()
+        self._tokens = itertools.count(1)
+        self._waiting: dict[str, dict[int, cf.Future]] = {}
+        self._chans: dict[str, Channel] = {}
+        self._io: Optional[asyncio.AbstractEventLoop] = None
+        if self.channels:
+            self._io = asyncio.new_event_loop()
+            self._io_thread = threading.Thread(target=self._io.run_forever, name="actorgrad-io", daemon=True)
+            self._io_thread.start()
 
     def spawn(self, spec: WorkerSpec, options: dict[str, Any]) -> Any:
         """Create the named actor; returns its handle (creation continues in the background)."""
@@ -158,7 +210,40 @@ class RayTransport:
             opts["resources"] = dict(options["resources"])
         actor = ray.remote(RayHost).options(**opts).remote(spec, self.namespace)
         self._actors[spec.name] = actor
+        if self._io is not None:
+            self._waiting[spec.name] = {}
+            addr = actor.address.remote()
+            name = spec.name
+
+            def open_channel() -> None:
+                self._chans[name] = Channel(
+                    self._io, name, lambda: asyncio.wrap_future(addr.future()), self._node,
+                    on_reply=lambda token, data: self._on_reply(name, token, data),
+                    on_lost=lambda why: self._on_lost(name, why))
+
+            self._io.call_soon_threadsafe(open_channel)
         return actor
+
+    def _on_reply(self, worker: str, token: int, data: bytes) -> None:
+        fut = self._waiting.get(worker, {}).pop(token, None)
+        if fut is not None and not fut.done():
+            fut.set_result(data)
+
+    def _on_lost(self, worker: str, why: str) -> None:
+        waiting = self._waiting.get(worker, {})
+        for token in list(waiting):
+            fut = waiting.pop(token)
+            if not fut.done():
+                fut.set_exception(E.WorkerDied(f"lost the connection to the worker ({why}): its process died or "
+                                               "could not start", worker=worker))
+
+    def _channel_send(self, worker: str, seq: int, token: Optional[int], data: bytes) -> None:
+        ch = self._chans.get(worker)
+        if ch is None or ch.failed is not None:
+            if token is not None:
+                self._on_lost(worker, ch.failed if ch is not None else "no channel")
+            return
+        ch.send(pack_frame(MSG, CALLER, seq, token, data))
 
     def _actor(self, worker: str) -> Any:
         actor = self._actors.get(worker)
@@ -168,11 +253,22 @@ class RayTransport:
 
     def post(self, worker: str, seq: int, data: bytes) -> None:
         """Send a one-way message from the caller."""
-        self._actor(worker).deliver.remote(CALLER, seq, data)
+        actor = self._actor(worker)
+        if self._io is not None:
+            self._io.call_soon_threadsafe(self._channel_send, worker, seq, None, data)
+            return
+        actor.deliver.remote(CALLER, seq, data)
 
     def request(self, worker: str, seq: int, data: bytes) -> cf.Future:
         """Send a request; the future yields the encoded reply or raises WorkerDied."""
-        ref = self._actor(worker).request.remote(CALLER, seq, data)
+        actor = self._actor(worker)
+        if self._io is not None:
+            token = next(self._tokens)
+            fut: cf.Future = cf.Future()
+            self._waiting[worker][token] = fut
+            self._io.call_soon_threadsafe(self._channel_send, worker, seq, token, data)
+            return fut
+        ref = actor.request.remote(CALLER, seq, data)
         out: cf.Future = cf.Future()
 
         def done(f: cf.Future) -> None:
@@ -195,6 +291,9 @@ class RayTransport:
 
     def kill(self, worker: str) -> None:
         """Stop one worker."""
+        ch = self._chans.pop(worker, None)
+        if ch is not None and self._io is not None:
+            asyncio.run_coroutine_threadsafe(ch.closed(), self._io)
         actor = self._actors.pop(worker, None)
         if actor is not None:
             try:
@@ -210,5 +309,18 @@ class RayTransport:
             pass
         for name in list(self._actors):
             self.kill(name)
+        if self._io is not None:
+            chans = list(self._chans.values())
+            self._chans.clear()
+
+            async def close_all() -> None:
+                await asyncio.gather(*(ch.closed() for ch in chans), return_exceptions=True)
+
+            try:
+                asyncio.run_coroutine_threadsafe(close_all(), self._io).result(5)
+            except Exception:
+                log.warning("some channels did not close in time")
+            self._io.call_soon_threadsafe(self._io.stop)
+            self._io_thread.join(timeout=5)
         if self.started_ray:
             ray.shutdown()
