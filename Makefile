@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test examples clean
+.PHONY: install demo test examples bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,9 @@ demo: $(STAMP)  ## run the quickstart on an embedded local Ray
 
 test: $(STAMP)  ## run the whole test suite
 	$(PY) -m pytest -q tests
+
+bench: $(STAMP)  ## actorgrad vs plain PyTorch and torch.distributed.rpc; writes bench/results.md
+	$(PY) -m bench.bench
 
 examples: $(STAMP)  ## run every example
 	$(PY) examples/quickstart.py

@@ -91,8 +91,7 @@ def run_actorgrad(backend: str, params: list[dict], data: list, lr: float, stale
                 for w in workers:
                     h = w(h)
                 losses.append(mse(h, ym))
-            for loss in losses:
-                loss.backward()
+            ag.backward(*losses)  # one pass over all micro-batches of the step
             if staleness:
                 handles.append(ag.step(wait=False))
             else:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures as cf
 import logging
+import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Optional, Protocol
 
@@ -23,6 +24,7 @@ from ..core.worker import WorkerCore, WorkerSpec
 log = logging.getLogger("actorgrad.transport")
 
 CALLER = "caller"
+INLINE_SECONDS = 0.0005  # handling cheaper than this (moving average) runs on the event loop
 
 SendFn = Callable[[str, str, int, bytes], None]  # (to, sender, seq, data)
 ReplyFn = Callable[[bytes], None]
@@ -55,8 +57,9 @@ class Transport(Protocol):
 class Host:
     """Runs one WorkerCore: ordered inbox, compute thread, outbox delivery."""
 
-    def __init__(self, core: WorkerCore, send: SendFn, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, core: WorkerCore, send: SendFn, loop: asyncio.AbstractEventLoop, inline: bool = False) -> None:
         self.core = core
+        self.inline = inline  # only where the loop is this worker's own (one process per worker)
         self.name = core.name
         self._send = send
         self._loop = loop
@@ -66,6 +69,7 @@ class Host:
         self._next_out: dict[str, int] = {}
         self._replies: dict[int, ReplyFn] = {}
         self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"ag-{core.name}")
+        self._cost = 0.0  # moving average of seconds per handled message
         self.task = loop.create_task(self._run())
 
     def accept(self, sender: str, seq: int, data: bytes, reply: Optional[ReplyFn] = None) -> None:
@@ -87,39 +91,65 @@ class Host:
 
     async def _run(self) -> None:
         while True:
-            data, reply = await self._inbox.get()
+            batch = [await self._inbox.get()]
+            while not self._inbox.empty():
+                batch.append(self._inbox.get_nowait())
             try:
-                await self._handle(data, reply)
+                await self._handle_batch(batch)
             finally:
-                self._inbox.task_done()
+                for _ in batch:
+                    self._inbox.task_done()
 
-    async def _handle(self, data: bytes, reply: Optional[ReplyFn]) -> None:
+    def _decode(self, data: bytes, reply: Optional[ReplyFn]) -> Optional[m.Message]:
         try:
             msg = codec.decode(data)
         except E.DecodeError as err:
-            err.worker = self.name
             log.error("%s: dropped a malformed message: %s", self.name, err.message)
             if reply is not None:
                 reply(codec.encode(m.Failure(-1, E.to_info(E.DecodeError(err.message, worker=self.name)))))
-            return
+            return None
         if reply is not None:
             self._replies[getattr(msg, "req", -1)] = reply
         if self.core.tracer.enabled:
             self.core.tracer.instant("recv", type=type(msg).__name__)
-        try:
-            out = await self._loop.run_in_executor(self._executor, self.core.handle, msg)
-        except Exception as exc:  # a bug in the core: answer the request, keep serving
-            log.exception("%s: internal error handling %s", self.name, type(msg).__name__)
-            out = []
-            req = getattr(msg, "req", None)
-            if req is not None:
-                err = E.ActorgradError(f"internal error handling {type(msg).__name__}: {exc!r}", worker=self.name)
-                out.append((None, m.Failure(req, E.to_info(err))))
-        for to, out_msg in out:
-            if to is None:
-                self._reply(out_msg)
-            else:
-                self.send(to, out_msg)
+        return msg
+
+    def _handle_all(self, msgs: list[m.Message]) -> list:
+        """Run the core over a batch of messages (on whichever thread): one outbox per message."""
+        outs = []
+        for msg in msgs:
+            t0 = time.perf_counter()
+            try:
+                outs.append(self.core.handle(msg))
+            except Exception as exc:  # a bug in the core: answer the request, keep serving
+                log.exception("%s: internal error handling %s", self.name, type(msg).__name__)
+                out = []
+                req = getattr(msg, "req", None)
+                if req is not None:
+                    err = E.ActorgradError(f"internal error handling {type(msg).__name__}: {exc!r}", worker=self.name)
+                    out.append((None, m.Failure(req, E.to_info(err))))
+                outs.append(out)
+            cost = time.perf_counter() - t0
+            self._cost = 0.8 * self._cost + 0.2 * cost
+        return outs
+
+    async def _handle_batch(self, batch: list[tuple[bytes, Optional[ReplyFn]]]) -> None:
+        msgs = [msg for data, reply in batch if (msg := self._decode(data, reply)) is not None]
+        if not msgs:
+            return
+        # [Note: inline compute] Cheap messages run on the loop: a thread hop per message would
+        # cost more than the work. Once handling gets expensive (real compute), the core runs on
+        # the compute thread so the loop keeps receiving and sending meanwhile.
+        if self.inline and self._cost < INLINE_SECONDS:
+            outs = self._handle_all(msgs)
+        else:
+            outs = await self._loop.run_in_executor(self._executor, self._handle_all, msgs)
+        for out in outs:
+            for to, out_msg in out:
+                if to is None:
+                    self._reply(out_msg)
+                else:
+                    self.send(to, out_msg)
 
     def _reply(self, msg: m.Message) -> None:
         fn = self._replies.pop(getattr(msg, "req", -1), None)

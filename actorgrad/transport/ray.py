@@ -55,7 +55,7 @@ class RayHost:
 
     def _ensure_host(self) -> Host:
         if self._host is None:
-            self._host = Host(self._core, self._send, asyncio.get_running_loop())
+            self._host = Host(self._core, self._send, asyncio.get_running_loop(), inline=True)
         return self._host
 
     async def address(self) -> dict:
@@ -63,8 +63,9 @@ class RayHost:
         host = self._ensure_host()
         if self._server is None:
             self._server = ChannelServer(host.accept, self._core.name, ray.util.get_node_ip_address())
-            await self._server.start(self._node)
-        return self._server.address
+            self._server_started = asyncio.ensure_future(self._server.start(self._node))
+        # Peers and the caller may ask at the same time: all wait for the one start.
+        return await asyncio.shield(self._server_started)
 
     async def _peer_address(self, to: str) -> dict:
         return await self._peer(to).address.remote()
