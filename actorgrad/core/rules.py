@@ -40,10 +40,11 @@ def add_grads(into: Grads, more: Grads) -> None:
 
 
 def grad_norm(grads: Grads) -> float:
-    """The global L2 norm of a set of gradients."""
+    """The global L2 norm of a set of gradients (per-tensor norms in their own dtype, then combined)."""
     if not grads:
         return 0.0
-    return float(torch.sqrt(sum((g.detach().double() ** 2).sum() for g in grads.values())))
+    norms = [float(torch.linalg.vector_norm(g.detach())) for g in grads.values()]
+    return float(sum(n * n for n in norms) ** 0.5)
 
 
 class Updater:
@@ -55,6 +56,7 @@ class Updater:
         self.optimizer = optimizer
         self.version = 0  # number of updates applied; names a weight version
         self.applied_steps = 0
+        self.last_grad_norm: Optional[float] = None  # of the last gradient applied
 
     def apply(self, grads: Grads, step: int) -> bool:
         """Set ``.grad`` from ``grads`` and step the optimizer; False when there is nothing."""
@@ -71,6 +73,7 @@ class Updater:
         for name, p in params.items():
             g = grads.get(name)
             p.grad = None if g is None else g.to(device=p.device, dtype=p.dtype)
+        self.last_grad_norm = grad_norm(grads)
         self.optimizer.step()
         for p in params.values():
             p.grad = None

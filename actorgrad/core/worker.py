@@ -36,7 +36,7 @@ from ..module import has_custom_backward
 from ..optim import OptimizerSpec, build_optimizer
 from . import messages as m
 from .ledger import Arrival, Ledger
-from .rules import PendingGrads, Rule, Updater, add_grads, grad_norm, make_rule
+from .rules import PendingGrads, Rule, Updater, add_grads, make_rule
 from .vjp import Saved, default_vjp, make_leaves, run_forward
 from ..trace import MESSAGE_TID, Tracer, now_us
 
@@ -128,7 +128,7 @@ class StepState:
     passes: list[int] = field(default_factory=list)
     close: Optional[m.Close] = None
     applied: bool = False  # an update landed during the step (rules "pass", callables)
-    grads: dict[str, torch.Tensor] = field(default_factory=dict)  # every parameter gradient of the step
+    grad_norm: Optional[float] = None  # of the last gradient applied in the step
 
 
 class WorkerCore:
@@ -168,8 +168,12 @@ class WorkerCore:
 
     # --- entry point --------------------------------------------------------
 
-    def handle(self, msg: m.Message) -> list[Out]:
-        """Process one message; return the messages to send and replies to make."""
+    def handle(self, msg: m.Message, defer: bool = False) -> list[Out]:
+        """Process one message; return the messages to send and replies to make.
+
+        With ``defer``, closing steps (updates) waits for ``poll()``: a host sends the outbox
+        first, so that gradients leave before this worker spends time on its update.
+        """
         self._out = []
         match msg:
             case m.Forward():
@@ -194,9 +198,20 @@ class WorkerCore:
                 self._on_set_state(msg)
             case _:
                 raise E.DecodeError(f"a worker cannot handle a {type(msg).__name__} message", worker=self.name)
-        self._advance()
+        self._advance(closes=not defer)
         out, self._out = self._out, []
         return out
+
+    def poll(self) -> list[Out]:
+        """Do deferred work (steps ready to close: their updates); return what to send."""
+        self._out = []
+        self._advance(closes=True)
+        out, self._out = self._out, []
+        return out
+
+    def has_deferred(self) -> bool:
+        """Whether some step has its Close and may be ready to close."""
+        return any(st.close is not None for st in self.steps.values())
 
     # --- small helpers ------------------------------------------------------
 
@@ -570,13 +585,13 @@ class WorkerCore:
             self._fail_pass(ps, self._error(E.WorkerError, f"update raised {type(exc).__name__}: {exc}",
                                             step=ps.step, exc=exc))
             return
-        norm = grad_norm(ps.param_grads) if ps.param_grads else None
         st = self._step(ps.step)
-        st.applied = st.applied or applied
-        add_grads(st.grads, ps.param_grads)
+        if applied:
+            st.applied = True
+            st.grad_norm = self.updater.last_grad_norm
         ps.arrived.clear()
         ps.param_grads = {}
-        self._ack(ps.req, {"worker": self.name, "calls": len(ps.done_calls), "applied": applied, "grad_norm": norm})
+        self._ack(ps.req, {"worker": self.name, "calls": len(ps.done_calls), "applied": applied})
 
     def _fail_pass(self, ps: PassState, err: E.ActorgradError) -> None:
         if ps.failed:
@@ -659,7 +674,7 @@ class WorkerCore:
             "calls": len(st.calls),
             "passes": len(st.passes),
             "applied": bool(applied or st.applied),
-            "grad_norm": grad_norm(st.grads) if st.grads else None,
+            "grad_norm": self.updater.last_grad_norm if applied else st.grad_norm,
             "version": self.updater.version,
         }
         self._drop_step(step)
@@ -706,7 +721,7 @@ class WorkerCore:
         for pid in [p for p, gs in self.early_grads.items() if gs and gs[0].step == msg.step]:
             del self.early_grads[pid]
 
-    def _advance(self) -> None:
+    def _advance(self, closes: bool = True) -> None:
         """Run whatever became possible: ready forwards, their VJPs, closable steps (in order)."""
         progress = True
         while progress:
@@ -717,7 +732,7 @@ class WorkerCore:
                         if call not in ps.done_calls:
                             self._try_vjp(ps, call)
             # Updates land in step order: only the earliest open step may close.
-            for step in sorted(self.steps):
+            for step in (sorted(self.steps) if closes else ()):
                 st = self.steps[step]
                 if st.close is None or not self._try_close(step, st):
                     break

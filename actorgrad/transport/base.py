@@ -115,14 +115,17 @@ class Host:
         return msg
 
     def _handle_all(self, msgs: list[m.Message]) -> list:
-        """Run the core over a batch of messages (on whichever thread): one outbox per message."""
+        """Run the core over a batch of messages (on whichever thread): one outbox per message.
+
+        ``None`` instead of a message means: do the core's deferred work (closing steps).
+        """
         outs = []
         for msg in msgs:
             t0 = time.perf_counter()
             try:
-                outs.append(self.core.handle(msg))
+                outs.append(self.core.poll() if msg is None else self.core.handle(msg, defer=True))
             except Exception as exc:  # a bug in the core: answer the request, keep serving
-                log.exception("%s: internal error handling %s", self.name, type(msg).__name__)
+                log.exception("%s: internal error handling %s", self.name, type(msg).__name__ if msg else "poll")
                 out = []
                 req = getattr(msg, "req", None)
                 if req is not None:
@@ -140,6 +143,12 @@ class Host:
         # [Note: inline compute] Cheap messages run on the loop: a thread hop per message would
         # cost more than the work. Once handling gets expensive (real compute), the core runs on
         # the compute thread so the loop keeps receiving and sending meanwhile.
+        await self._run_core(msgs)
+        # Messages computed above are on their way; now the updates of steps ready to close.
+        if self.core.has_deferred():
+            await self._run_core([None])
+
+    async def _run_core(self, msgs: list) -> None:
         if self.inline and self._cost < INLINE_SECONDS:
             outs = self._handle_all(msgs)
         else:
