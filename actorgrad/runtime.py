@@ -511,10 +511,11 @@ class Runtime:
                 if not n.call.saved:
                     raise E.ConfigError("backward() on a node computed under ag.no_grad(): nothing was saved for it",
                                         worker=n.call.worker, call=n.call.id, step=step.id)
-            calls = {n.call.id: n.call for n in nodes}
-            self._pump(lambda: all(c.meta is not None for c in calls.values()), self._deadline(None), step,
-                       lambda: ("waiting for the forward of the nodes to seed",
-                                [(c.worker, c.id) for c in calls.values() if c.meta is None]), None)
+            self._drain()
+            if step.error is not None:
+                raise self._deliver(step)
+            # backward() returns at once: seeds whose forward already reported its output are
+            # checked here; the others are checked by their worker (errors then come from the pass).
             grads = [self._check_seed(n, g) for n, g in zip(nodes, gradients)]
             seeds = [(n.call.id, n.out) for n in nodes]
             for cid in self.graph.ancestors(seeds):
@@ -539,10 +540,13 @@ class Runtime:
             return Pass(self, prec)
 
     def _check_seed(self, n: Node, g: Any) -> Optional[torch.Tensor]:
+        if g is not None and not isinstance(g, torch.Tensor):
+            raise E.ConfigError(f"a gradient must be a tensor, got {type(g).__name__}",
+                                worker=n.call.worker, call=n.call.id, step=n.call.step)
+        if n.call.meta is None:
+            return None if g is None else g.detach()
         shape, dtype, requires_grad = n.call.meta["outputs"][n.out]
         info = self.workers[n.call.worker]
-        from .module import Module  # noqa: F401  (custom rules may seed non-differentiable outputs)
-
         if g is None:
             if math.prod(shape) != 1:
                 raise E.ShapeError(

@@ -139,8 +139,13 @@ def test_seed_gradient_of_wrong_shape_is_a_shape_error(backend):
     lin, w, mse = model()
     out = w(torch.randn(5, 3))
     with pytest.raises(E.ShapeError) as info:
-        out.backward(gradient=torch.ones(4, 1))
+        out.backward(gradient=torch.ones(4, 1))  # returns at once: the seed's worker checks it
+        ag.step()
     assert info.value.worker == w.name and "(4, 1)" in str(info.value) and "(5, 1)" in str(info.value)
+    out = w(torch.randn(5, 3))
+    out.value()  # once the forward has reported its shape, backward() checks at once
+    with pytest.raises(E.ShapeError):
+        out.backward(gradient=torch.ones(4, 1))
     ag.step()
     correct_step_works(lin, w, mse)
 
@@ -149,8 +154,8 @@ def test_non_scalar_loss_without_gradient_is_a_shape_error(backend):
     lin, w, mse = model()
     with pytest.raises(E.ShapeError) as info:
         w(torch.randn(5, 3)).backward()
+        ag.step()
     assert info.value.worker == w.name and "scalar" in str(info.value)
-    ag.step()
     correct_step_works(lin, w, mse)
 
 

@@ -30,13 +30,21 @@ log = logging.getLogger("actorgrad.rules")
 Grads = dict[str, torch.Tensor]
 
 
-def add_grads(into: Grads, more: Grads) -> None:
-    """Sum ``more`` into ``into``, parameter by parameter."""
+def add_grads(into: Grads, more: Grads, owned: Optional[set[str]] = None) -> None:
+    """Sum ``more`` into ``into``, parameter by parameter.
+
+    With ``owned``, sums after the first are made in place into a tensor allocated here (its
+    name is recorded in ``owned``); a tensor received from elsewhere is never modified.
+    """
     for name, g in more.items():
-        if name in into:
-            into[name] = into[name] + g
-        else:
+        if name not in into:
             into[name] = g
+        elif owned is not None and name in owned:
+            into[name].add_(g)
+        else:
+            into[name] = into[name] + g
+            if owned is not None:
+                owned.add(name)
 
 
 def grad_norm(grads: Grads) -> float:

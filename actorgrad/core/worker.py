@@ -118,6 +118,7 @@ class PassState:
     complete: bool = False
     failed: bool = False
     created_us: float = 0.0
+    owned: set[str] = field(default_factory=set)  # param_grads entries this pass allocated itself
 
 
 @dataclass
@@ -495,7 +496,7 @@ class WorkerCore:
                 E.ConfigError, "parameters received gradients but the worker has no optimizer; pass "
                 "optimizer=ag.Optim(...) to ag.spawn, or set requires_grad=False on them", call, ps.step))
             return
-        add_grads(ps.param_grads, param_grads)
+        add_grads(ps.param_grads, param_grads, ps.owned)
         for slot, ref in enumerate(c.msg.refs):
             if ref.grad:
                 g = input_grads[slot]
@@ -511,10 +512,14 @@ class WorkerCore:
             total: Optional[torch.Tensor] = None
             for a in ps.arrived.get((c.id, out), []):
                 g = a.tensor
+                differentiable = c.saved is not None and c.saved.outputs[out].requires_grad
+                if a.seed and not differentiable and not self.custom_backward:
+                    raise self._error(E.ConfigError, f"backward() seeded at output {out}, which does not require "
+                                      "grad: nothing that produced it is differentiable", c.id, ps.step)
                 if g is None and a.seed:
                     if o.numel() != 1:
-                        raise self._error(E.ShapeError, f"output {out} has shape {tuple(o.shape)}; a backward "
-                                          "seed without a gradient needs a scalar", c.id, ps.step)
+                        raise self._error(E.ShapeError, f"backward() without a gradient needs a scalar, but output "
+                                          f"{out} has shape {tuple(o.shape)}; pass gradient=", c.id, ps.step)
                     g = torch.ones_like(o)
                 if g is None:
                     continue
