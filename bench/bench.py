@@ -194,11 +194,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.tiny:
         sizes = {"small": (8, 4, 4, 1), "large": (32, 8, 3, 1)}
         branch = (16, 8, 2, 2)
-        rounds, micro = 20, 2
+        rounds, micros = 20, (2,)
     else:
         sizes = {"small": (64, 32, 40, 5), "large": (2048, 256, 8, 2)}  # d, batch, steps, warm-up
         branch = (1024, 256, 6, 6)  # d, batch, work, steps
-        rounds, micro = 300, 4
+        rounds, micros = 300, (2, 4)
     import ray
 
     if not ray.is_initialized():
@@ -218,7 +218,9 @@ def main(argv: Optional[list[str]] = None) -> int:
             res["torch.distributed.rpc"] = run_rpc(params, data, lr, threads_per_worker=1)
         res["actorgrad local"] = run_actorgrad("local", params, data, lr)
         res["actorgrad ray, synchronous"] = run_actorgrad("ray", params, data, lr)
-        res["actorgrad ray, pipelined (k=1)"] = run_actorgrad("ray", params, data, lr, staleness=1, micro=micro)
+        for m in micros:
+            res[f"actorgrad ray, pipelined (k=1, {m} micro-batches)"] = run_actorgrad(
+                "ray", params, data, lr, staleness=1, micro=m)
         base = median_ms(res["plain, 1 thread"][0], skip)
         for name, (times, _) in res.items():
             med = median_ms(times, skip)
@@ -231,13 +233,14 @@ def main(argv: Optional[list[str]] = None) -> int:
                 diff = max_diff(res[name][1], ref)
                 checks.append(f"{size}: {name} vs plain: max |diff| = {diff:.2e} ({'OK' if diff <= 1e-5 else 'MISMATCH'})")
         sync = median_ms(res["actorgrad ray, synchronous"][0], skip)
-        pipe = median_ms(res["actorgrad ray, pipelined (k=1)"][0], skip)
         ratios[f"{size}: ray sync / plain 1 thread"] = sync / base
         if "torch.distributed.rpc" in res:
             ratios[f"{size}: ray sync / rpc"] = sync / median_ms(res["torch.distributed.rpc"][0], skip)
-        ratios[f"{size}: pipelined throughput / sync throughput"] = sync / pipe
-        ratios[f"{size}: pipelined throughput / plain default-threads throughput"] = (
-            median_ms(res["plain, default threads"][0], skip) / pipe)
+        for m in micros:
+            pipe = median_ms(res[f"actorgrad ray, pipelined (k=1, {m} micro-batches)"][0], skip)
+            ratios[f"{size}: pipelined ({m} mb) throughput / sync throughput"] = sync / pipe
+            ratios[f"{size}: pipelined ({m} mb) throughput / plain default-threads throughput"] = (
+                median_ms(res["plain, default threads"][0], skip) / pipe)
     d, batch, work, steps = branch
     together = median_ms(run_two_branches("ray", d, batch, work, steps, together=True), 1)
     apart = median_ms(run_two_branches("ray", d, batch, work, steps, together=False), 1)
@@ -255,7 +258,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     lines += ["", "Same final parameters:", ""] + [f"- {c}" for c in checks]
     header = (f"S={S} stages, SGD (lr {LR_BY_SIZE['small']} small, {LR_BY_SIZE['large']} large); small d={sizes['small'][0]} batch {sizes['small'][1]}; "
               f"large d={sizes['large'][0]} batch {sizes['large'][1]}; pipelined: max_staleness=1, "
-              f"{micro} micro-batches per step; {os.cpu_count()} cores; torch {torch.__version__}")
+              f"{'/'.join(map(str, micros))} micro-batches per step; {os.cpu_count()} cores; "
+              f"torch {torch.__version__}")
     text = header + "\n\n" + "\n".join(lines) + "\n"
     print(text)
     if not args.tiny or args.out:

@@ -1,0 +1,24 @@
+"""`make bench` runs end to end at a tiny size; its exactness checks hold (no timing asserted)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_bench_runs_end_to_end_in_a_tiny_size(tmp_path):
+    out = tmp_path / "results.md"
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, "-m", "bench.bench", "--tiny", "--out", str(out)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    table = out.read_text()
+    for runner in ("plain, 1 thread", "plain, default threads", "torch.distributed.rpc", "actorgrad local",
+                   "actorgrad ray, synchronous", "actorgrad ray, pipelined", "passes together"):
+        assert runner in table, runner
+    for floor in ("ray_round_trip_ms", "ray_actor_hop_ms", "actorgrad_request_ms"):
+        assert floor in table
+    assert table.count("(OK)") == 8 and "MISMATCH" not in table
