@@ -188,6 +188,10 @@ class RayTransport:
         self._waiting: dict[str, dict[int, cf.Future]] = {}
         self._chans: dict[str, Channel] = {}
         self._io: Optional[asyncio.AbstractEventLoop] = None
+        # Frames from the caller thread, flushed by the IO thread: one wake-up per burst, not per frame.
+        self._outq: list[tuple[str, int, Optional[int], bytes]] = []
+        self._outq_lock = threading.Lock()
+        self._flush_scheduled = False
         if self.channels:
             self._io = asyncio.new_event_loop()
             self._io_thread = threading.Thread(target=self._io.run_forever, name="actorgrad-io", daemon=True)
@@ -238,6 +242,22 @@ class RayTransport:
                 fut.set_exception(E.WorkerDied(f"lost the connection to the worker ({why}): its process died or "
                                                "could not start", worker=worker))
 
+    def _enqueue(self, worker: str, seq: int, token: Optional[int], data: bytes) -> None:
+        with self._outq_lock:
+            self._outq.append((worker, seq, token, data))
+            if self._flush_scheduled:
+                return
+            self._flush_scheduled = True
+        assert self._io is not None
+        self._io.call_soon_threadsafe(self._flush)
+
+    def _flush(self) -> None:
+        with self._outq_lock:
+            frames, self._outq = self._outq, []
+            self._flush_scheduled = False
+        for worker, seq, token, data in frames:
+            self._channel_send(worker, seq, token, data)
+
     def _channel_send(self, worker: str, seq: int, token: Optional[int], data: bytes) -> None:
         ch = self._chans.get(worker)
         if ch is None or ch.failed is not None:
@@ -256,7 +276,7 @@ class RayTransport:
         """Send a one-way message from the caller."""
         actor = self._actor(worker)
         if self._io is not None:
-            self._io.call_soon_threadsafe(self._channel_send, worker, seq, None, data)
+            self._enqueue(worker, seq, None, data)
             return
         actor.deliver.remote(CALLER, seq, data)
 
@@ -267,7 +287,7 @@ class RayTransport:
             token = next(self._tokens)
             fut: cf.Future = cf.Future()
             self._waiting[worker][token] = fut
-            self._io.call_soon_threadsafe(self._channel_send, worker, seq, token, data)
+            self._enqueue(worker, seq, token, data)
             return fut
         ref = actor.request.remote(CALLER, seq, data)
         out: cf.Future = cf.Future()
