@@ -9,6 +9,7 @@ and anything unexpected raises ``DecodeError``.
 from __future__ import annotations
 
 import math
+import struct
 from dataclasses import fields
 from typing import Any, Callable
 
@@ -46,8 +47,18 @@ _DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 # --- tensors ---------------------------------------------------------------
 
 
-def tensor_to_bytes(t: torch.Tensor) -> list:
-    """Describe a tensor as [dtype name, shape, raw bytes] (moved to CPU)."""
+_TENSOR_HDR = struct.Struct("!H")
+
+
+def tensor_payload(dtype: str, shape: list, raw: Any) -> bytes:
+    """A tensor extension's bytes: u16 header length, msgpack [dtype, shape], then the raw buffer."""
+    hdr = msgpack.packb([dtype, list(shape)], use_bin_type=True)
+    # One copy of the raw buffer, straight from the tensor's memory (no intermediate bytes object).
+    return b"".join((_TENSOR_HDR.pack(len(hdr)), hdr, raw))
+
+
+def tensor_to_payload(t: torch.Tensor) -> bytes:
+    """A tensor (moved to CPU, made contiguous) as extension bytes."""
     name = _DTYPE_NAMES.get(t.dtype)
     if name is None:
         raise TypeError(f"tensors of dtype {t.dtype} cannot be sent")
@@ -55,15 +66,28 @@ def tensor_to_bytes(t: torch.Tensor) -> list:
     if t.device.type != "cpu":
         t = t.cpu()
     t = t.contiguous()
-    if t.numel() == 0:
-        data = b""
-    else:
-        data = t.reshape(-1).view(torch.uint8).numpy().tobytes()
-    return [name, list(t.shape), data]
+    raw = memoryview(t.reshape(-1).view(torch.uint8).numpy()) if t.numel() else b""
+    return tensor_payload(name, list(t.shape), raw)
+
+
+def tensor_from_payload(data: bytes) -> torch.Tensor:
+    """Rebuild a tensor from extension bytes, checking every part."""
+    if len(data) < _TENSOR_HDR.size:
+        raise DecodeError("a tensor needs a header")
+    (n,) = _TENSOR_HDR.unpack_from(data)
+    if _TENSOR_HDR.size + n > len(data):
+        raise DecodeError("a tensor header runs past its data")
+    try:
+        hdr = msgpack.unpackb(data[_TENSOR_HDR.size:_TENSOR_HDR.size + n], raw=False)
+    except Exception as exc:
+        raise DecodeError(f"a tensor header is malformed: {exc}") from None
+    if not isinstance(hdr, list) or len(hdr) != 2:
+        raise DecodeError("a tensor header must be [dtype, shape]")
+    return tensor_from_bytes(hdr[0], hdr[1], memoryview(data)[_TENSOR_HDR.size + n:])
 
 
 def tensor_from_bytes(dtype: Any, shape: Any, data: Any) -> torch.Tensor:
-    """Rebuild a tensor from [dtype name, shape, raw bytes], checking each part."""
+    """Rebuild a tensor from dtype name, shape and raw bytes, checking each part."""
     if not isinstance(dtype, str) or dtype not in DTYPES:
         raise DecodeError(f"unknown tensor dtype {dtype!r}")
     if not isinstance(shape, list) or len(shape) > MAX_DIMS:
@@ -71,7 +95,7 @@ def tensor_from_bytes(dtype: Any, shape: Any, data: Any) -> torch.Tensor:
     for s in shape:
         if not _is_int(s) or s < 0:
             raise DecodeError(f"tensor shape has an invalid size {s!r}")
-    if not isinstance(data, (bytes, bytearray)):
+    if not isinstance(data, (bytes, bytearray, memoryview)):
         raise DecodeError("tensor data must be raw bytes")
     dt = DTYPES[dtype]
     numel = math.prod(shape)
@@ -82,6 +106,7 @@ def tensor_from_bytes(dtype: Any, shape: Any, data: Any) -> torch.Tensor:
         )
     if numel == 0:
         return torch.empty(shape, dtype=dt)
+    # One copy into memory the tensor owns (received bytes are immutable).
     flat = torch.frombuffer(bytearray(data), dtype=torch.uint8)
     return flat.view(dt).reshape(shape)
 
@@ -91,7 +116,7 @@ def tensor_from_bytes(dtype: Any, shape: Any, data: Any) -> torch.Tensor:
 
 def _default(obj: Any) -> Any:
     if isinstance(obj, torch.Tensor):
-        return msgpack.ExtType(_EXT_TENSOR, _packb(tensor_to_bytes(obj)))
+        return msgpack.ExtType(_EXT_TENSOR, tensor_to_payload(obj))
     if isinstance(obj, m.Slot):
         return msgpack.ExtType(_EXT_SLOT, _packb(obj.index))
     if isinstance(obj, tuple):
@@ -105,10 +130,7 @@ def _packb(obj: Any) -> bytes:
 
 def _ext_hook(code: int, data: bytes) -> Any:
     if code == _EXT_TENSOR:
-        parts = _unpackb(data)
-        if not isinstance(parts, list) or len(parts) != 3:
-            raise DecodeError("a tensor must be [dtype, shape, bytes]")
-        return tensor_from_bytes(*parts)
+        return tensor_from_payload(data)
     if code == _EXT_SLOT:
         index = _unpackb(data)
         if not _is_int(index) or index < 0:

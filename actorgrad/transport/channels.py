@@ -2,8 +2,9 @@
 
 A worker serves a Unix socket (abstract namespace on Linux, for peers on its
 node) and a TCP port (for peers on other nodes); addresses are exchanged
-through Ray at spawn. A frame is ``u32 length`` + msgpack
-``[kind, sender, seq, token, data]``:
+through Ray at spawn. A frame is ``u32 envelope length, u32 data length``, the
+envelope msgpack ``[kind, sender, seq, token]``, then the data itself (written
+as is: a large tensor is not packed a second time):
 
 - ``MSG``: one message from ``sender`` with its per-channel ``seq``;
   ``token`` is None for one-way messages, or a number the reply will carry;
@@ -30,16 +31,17 @@ log = logging.getLogger("actorgrad.transport.channels")
 
 MSG = 0
 REPLY = 1
-_HEADER = struct.Struct("!I")
+_HEADER = struct.Struct("!II")
+MAX_ENVELOPE = 1 << 16
 MAX_FRAME = 1 << 31  # frames above 2 GiB are refused
 
 AcceptFn = Callable[[str, int, bytes, Optional[Callable[[bytes], None]]], None]
 
 
-def pack_frame(kind: int, sender: Optional[str], seq: int, token: Optional[int], data: bytes) -> bytes:
-    """One frame, ready to write."""
-    payload = msgpack.packb([kind, sender, seq, token, data], use_bin_type=True)
-    return _HEADER.pack(len(payload)) + payload
+def pack_frame(kind: int, sender: Optional[str], seq: int, token: Optional[int], data: bytes) -> list[bytes]:
+    """One frame as buffers to write one after the other (``writelines``)."""
+    env = msgpack.packb([kind, sender, seq, token], use_bin_type=True)
+    return [_HEADER.pack(len(env), len(data)), env, data]
 
 
 async def read_frame(reader: asyncio.StreamReader) -> Optional[list]:
@@ -48,26 +50,26 @@ async def read_frame(reader: asyncio.StreamReader) -> Optional[list]:
         header = await reader.readexactly(_HEADER.size)
     except (asyncio.IncompleteReadError, ConnectionError):
         return None
-    (n,) = _HEADER.unpack(header)
-    if n > MAX_FRAME:
-        raise ValueError(f"frame of {n} bytes is too large")
+    n_env, n_data = _HEADER.unpack(header)
+    if n_env > MAX_ENVELOPE or n_data > MAX_FRAME:
+        raise ValueError(f"frame of {n_env} + {n_data} bytes is too large")
     try:
-        payload = await reader.readexactly(n)
+        env = await reader.readexactly(n_env)
+        data = await reader.readexactly(n_data)
     except (asyncio.IncompleteReadError, ConnectionError):
         return None
-    fields = msgpack.unpackb(payload, raw=False)
+    fields = msgpack.unpackb(env, raw=False)
     ok = (
         isinstance(fields, list)
-        and len(fields) == 5
+        and len(fields) == 4
         and fields[0] in (MSG, REPLY)
         and (fields[1] is None or isinstance(fields[1], str))
         and isinstance(fields[2], int)
         and (fields[3] is None or isinstance(fields[3], int))
-        and isinstance(fields[4], bytes)
     )
     if not ok:
         raise ValueError("malformed frame")
-    return fields
+    return fields + [data]
 
 
 def _unix_name(tag: str) -> str:
@@ -103,7 +105,7 @@ class ChannelServer:
         def replier(token: int) -> Callable[[bytes], None]:
             def reply(data: bytes) -> None:
                 if not writer.is_closing():
-                    writer.write(pack_frame(REPLY, None, 0, token, data))
+                    writer.writelines(pack_frame(REPLY, None, 0, token, data))
 
             return reply
 
@@ -144,16 +146,16 @@ class Channel:
         self._on_reply = on_reply
         self._on_lost = on_lost
         self._writer: Optional[asyncio.StreamWriter] = None
-        self._queue: list[bytes] = []
+        self._queue: list[list[bytes]] = []
         self.failed: Optional[str] = None
         self._task = loop.create_task(self._connect())
 
-    def send(self, frame: bytes) -> None:
+    def send(self, frame: list[bytes]) -> None:
         """Write a frame (on the loop thread), or queue it until connected."""
         if self.failed is not None:
             return
         if self._writer is not None:
-            self._writer.write(frame)
+            self._writer.writelines(frame)
         else:
             self._queue.append(frame)
 
@@ -170,7 +172,7 @@ class Channel:
         _nodelay(writer)
         self._writer = writer
         for frame in self._queue:
-            writer.write(frame)
+            writer.writelines(frame)
         self._queue.clear()
         await self._read_replies(reader)
 
