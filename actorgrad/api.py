@@ -118,6 +118,24 @@ def no_grad() -> Iterator[None]:
 
 
 @contextlib.contextmanager
+def placement(strategy: str = "pack", timeout: Optional[float] = None) -> Iterator[None]:
+    """Workers spawned inside are reserved together as one Ray placement group when the block ends.
+
+    ``strategy`` is "pack" (few nodes), "spread" (many nodes), "strict_pack" or "strict_spread";
+    if Ray cannot reserve the group within ``timeout`` seconds, PlacementError names the workers
+    and what they asked for. On backend="local" the block changes nothing.
+    """
+    rt = runtime()
+    rt.begin_placement(strategy)
+    try:
+        yield
+    except BaseException:
+        rt.end_placement(timeout, abandon=True)
+        raise
+    rt.end_placement(timeout)
+
+
+@contextlib.contextmanager
 def trace(path: str) -> Iterator[str]:
     """Record a timeline of every worker inside the block; write it to ``path`` (Chrome trace JSON)."""
     rt = _current()

@@ -21,6 +21,7 @@ __all__ = [
     "StepClosedError",
     "DecodeError",
     "CheckpointError",
+    "PlacementError",
     "StepAborted",
 ]
 
@@ -91,6 +92,10 @@ class StepClosedError(ActorgradError, RuntimeError):
     """A node of a step that is already closed was used."""
 
 
+class PlacementError(ConfigError):
+    """Ray cannot place a worker (or a group of workers) as asked; names what was asked for."""
+
+
 class DecodeError(ActorgradError, ValueError):
     """A message or a checkpoint could not be decoded: malformed, truncated or unsafe."""
 
@@ -116,6 +121,7 @@ _CLASSES: dict[str, type[ActorgradError]] = {
         StepClosedError,
         DecodeError,
         CheckpointError,
+        PlacementError,
         StepAborted,
     )
 }

@@ -49,6 +49,7 @@ class WorkerInfo:
     options: dict[str, Any]
     handle: Worker
     arity: Optional[tuple[bool, int]] = None  # (returns a single tensor, number of outputs)
+    placed: bool = True  # False while its ag.placement block is open
 
 
 @dataclass
@@ -118,6 +119,7 @@ class Runtime:
         self._class_counts: dict[str, int] = {}
         self._steps: dict[int, StepRecord] = {}
         self._closing: list[StepRecord] = []
+        self._group: Optional[tuple[str, list[tuple[WorkerSpec, dict[str, Any]]]]] = None
         self.step = self._open_step(1)
         self._local = threading.local()
 
@@ -372,23 +374,82 @@ class Runtime:
                     raise E.ConfigError(f"invalid device {device!r}: {exc}", worker=name) from None
             options = {"num_cpus": num_cpus, "num_gpus": num_gpus, "resources": resources, "device": device,
                        "update": update if isinstance(update, str) else "callable", "max_staleness": max_staleness}
+            if resources is not None and not (isinstance(resources, dict) and all(
+                    isinstance(k, str) and isinstance(v, (int, float)) and v >= 0 for k, v in resources.items())):
+                raise E.ConfigError(f"resources must map names to amounts >= 0, got {resources!r}", worker=name)
             threads = int(num_cpus) if num_cpus else None
             spec = WorkerSpec(name=name, module=module, optimizer=opt, update=update, max_staleness=max_staleness,
                               device=device, num_threads=threads, trace=self.tracer.enabled)
-            actor = self.transport.spawn(spec, options)
+            check = getattr(self.transport, "check_feasible", None)
+            if check is not None:
+                check(name, {"CPU": num_cpus or 0, "GPU": num_gpus or 0, **(resources or {})})
+            deferred = self._group is not None and hasattr(self.transport, "place_group")
+            actor = None
+            if deferred:
+                self._group[1].append((spec, options))
+            else:
+                actor = self.transport.spawn(spec, options)
             handle = Worker(self, name, actor, cls)
             self.workers[name] = WorkerInfo(
                 name=name, module_class=cls, trainable=any(p.requires_grad for p in params),
                 has_optimizer=opt is not None, custom_rule=type(rule).__name__ == "CallableRule",
-                options=options, handle=handle)
+                options=options, handle=handle, placed=not deferred)
             log.info("spawned worker %s (%s) on %s", name, cls, self.backend)
             return handle
+
+    PLACEMENT_STRATEGIES = ("pack", "spread", "strict_pack", "strict_spread")
+
+    def begin_placement(self, strategy: str) -> None:
+        """Start collecting spawned workers into one placement group."""
+        with self._lock:
+            self._check_open()
+            if strategy not in self.PLACEMENT_STRATEGIES:
+                raise E.ConfigError(f"placement strategy must be one of {self.PLACEMENT_STRATEGIES}, got {strategy!r}")
+            if self._group is not None:
+                raise E.ConfigError("ag.placement blocks cannot be nested")
+            self._group = (strategy, [])
+
+    def end_placement(self, timeout: Optional[float], abandon: bool = False) -> None:
+        """Reserve the collected workers together (one bundle each), then start them in their bundles."""
+        with self._lock:
+            group, self._group = self._group, None
+            if group is None or not group[1]:
+                return
+            strategy, members = group
+            names = [spec.name for spec, _ in members]
+            if abandon:
+                for n in names:
+                    self.workers.pop(n, None)
+                return
+            bundles = []
+            for spec, options in members:
+                bundle = {"CPU": float(options.get("num_cpus") or 0.01)}
+                if options.get("num_gpus"):
+                    bundle["GPU"] = float(options["num_gpus"])
+                bundle.update({k: float(v) for k, v in (options.get("resources") or {}).items()})
+                bundles.append(bundle)
+            try:
+                pg = self.transport.place_group(strategy, bundles, names, self.timeout if timeout is None else timeout)
+            except E.ActorgradError:
+                for n in names:
+                    self.workers.pop(n, None)
+                raise
+            for i, ((spec, options), bundle) in enumerate(zip(members, bundles)):
+                options = dict(options, placement_group=pg, bundle_index=i, bundle_cpus=bundle["CPU"])
+                actor = self.transport.spawn(spec, options)
+                info = self.workers[spec.name]
+                info.handle.actor = actor
+                info.placed = True
+            log.info("placed workers %s as a %s group", names, strategy)
 
     def _info(self, name: str) -> WorkerInfo:
         self._check_open()
         info = self.workers.get(name)
         if info is None:
             raise E.ConfigError("no such worker in this runtime (was it spawned before the last ag.init()?)",
+                                worker=name)
+        if not info.placed:
+            raise E.ConfigError("this worker starts when its ag.placement block ends; call it after the block",
                                 worker=name)
         return info
 

@@ -17,23 +17,30 @@ import actorgrad as ag
 BACKENDS = ["local", "ray"]
 
 
+def ray_init_args() -> dict:
+    """How the tests start Ray: two CPUs, and workers that can import the test modules."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    paths = [here, os.path.dirname(here)] + [p for p in sys.path if p and os.path.isdir(p)]
+    return {
+        "num_cpus": 2,
+        "logging_level": "ERROR",
+        "runtime_env": {"env_vars": {"PYTHONPATH": os.pathsep.join(paths)}},
+    }
+
+
 @pytest.fixture(scope="session")
 def ray_session():
-    """A local Ray instance for the whole session, started here and stopped at the end."""
+    """A local Ray instance shared by the session; (re)started when a test module shut it down."""
     import ray
 
-    started = False
-    if not ray.is_initialized():
-        here = os.path.dirname(os.path.abspath(__file__))
-        paths = [here, os.path.dirname(here)] + [p for p in sys.path if p and os.path.isdir(p)]
-        ray.init(
-            num_cpus=2,
-            logging_level="ERROR",
-            runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(paths)}},
-        )
-        started = True
-    yield ray
-    if started:
+    def ensure():
+        if not ray.is_initialized():
+            ray.init(**ray_init_args())
+        return ray
+
+    ensure()
+    yield ensure
+    if ray.is_initialized():
         ray.shutdown()
 
 
@@ -41,7 +48,7 @@ def ray_session():
 def backend(request):
     """The backend name; a runtime on it is running for the duration of the test."""
     if request.param == "ray":
-        request.getfixturevalue("ray_session")
+        request.getfixturevalue("ray_session")()
     ag.init(backend=request.param, timeout=60)
     torch.manual_seed(0)
     yield request.param

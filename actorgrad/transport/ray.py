@@ -183,6 +183,7 @@ class RayTransport:
             self.started_ray = True
         self.namespace = f"actorgrad-{uuid.uuid4().hex[:8]}"
         self._actors: dict[str, Any] = {}
+        self._groups: list[Any] = []
         self._node = ray.get_runtime_context().get_node_id()
         self._tokens = itertools.count(1)
         self._waiting: dict[str, dict[int, cf.Future]] = {}
@@ -196,6 +197,35 @@ class RayTransport:
             self._io = asyncio.new_event_loop()
             self._io_thread = threading.Thread(target=self._io.run_forever, name="actorgrad-io", daemon=True)
             self._io_thread.start()
+
+    def check_feasible(self, name: str, request: dict[str, float]) -> None:
+        """Fail fast when no node of the cluster has, in total, what a worker asks for."""
+        wanted = {k: v for k, v in request.items() if v}
+        if not wanted:
+            return
+        nodes = [n for n in ray.nodes() if n.get("Alive")]
+        if any(all(n.get("Resources", {}).get(k, 0.0) >= v for k, v in wanted.items()) for n in nodes):
+            return
+        have = "; ".join(
+            ", ".join(f"{k}={v:g}" for k, v in sorted(n.get("Resources", {}).items())
+                      if not k.startswith(("node:", "memory", "object_store_memory")))
+            for n in nodes)
+        raise E.PlacementError(f"no node of the Ray cluster can hold {wanted} (nodes have: {have})", worker=name)
+
+    def place_group(self, strategy: str, bundles: list[dict[str, float]], names: list[str], timeout: float) -> Any:
+        """Reserve one bundle per worker as a placement group; PlacementError if Ray cannot in time."""
+        from ray.util.placement_group import placement_group, remove_placement_group
+
+        pg = placement_group(bundles, strategy=strategy.upper(), name=f"{self.namespace}-{names[0]}")
+        try:
+            ray.get(pg.ready(), timeout=timeout)
+        except Exception as exc:
+            remove_placement_group(pg)
+            raise E.PlacementError(
+                f"Ray could not reserve a {strategy.upper()} placement group for workers {names} "
+                f"with bundles {bundles} within {timeout:g}s ({type(exc).__name__})", worker=names[0]) from None
+        self._groups.append(pg)
+        return pg
 
     def spawn(self, spec: WorkerSpec, options: dict[str, Any]) -> Any:
         """Create the named actor; returns its handle (creation continues in the background)."""
@@ -213,6 +243,12 @@ class RayTransport:
             opts["num_gpus"] = options["num_gpus"]
         if options.get("resources"):
             opts["resources"] = dict(options["resources"])
+        if options.get("placement_group") is not None:
+            from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+            opts["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
+                placement_group=options["placement_group"], placement_group_bundle_index=options["bundle_index"])
+            opts["num_cpus"] = options.get("bundle_cpus", opts["num_cpus"])
         actor = ray.remote(RayHost).options(**opts).remote(spec, self.namespace)
         self._actors[spec.name] = actor
         if self._io is not None:
@@ -330,6 +366,15 @@ class RayTransport:
             pass
         for name in list(self._actors):
             self.kill(name)
+        if self._groups:
+            from ray.util.placement_group import remove_placement_group
+
+            for pg in self._groups:
+                try:
+                    remove_placement_group(pg)
+                except Exception:
+                    pass
+            self._groups.clear()
         if self._io is not None:
             chans = list(self._chans.values())
             self._chans.clear()
