@@ -372,6 +372,16 @@ class Runtime:
                     device = str(torch.device(device))
                 except (RuntimeError, TypeError) as exc:
                     raise E.ConfigError(f"invalid device {device!r}: {exc}", worker=name) from None
+            # A GPU worker: device="cuda" needs a GPU from Ray (which hides GPUs from actors that
+            # did not ask for one), and num_gpus >= 1 means the module lives on it.
+            if device is not None and device.startswith("cuda") and not num_gpus and self.backend == "ray":
+                num_gpus = 1
+            if device is None and num_gpus and num_gpus >= 1:
+                device = "cuda"
+            if device is not None and device.startswith("cuda") and self.backend == "local" \
+                    and not torch.cuda.is_available():
+                raise E.PlacementError(f"device={device!r} asked for, but this process has no CUDA device",
+                                       worker=name)
             options = {"num_cpus": num_cpus, "num_gpus": num_gpus, "resources": resources, "device": device,
                        "update": update if isinstance(update, str) else "callable", "max_staleness": max_staleness}
             if resources is not None and not (isinstance(resources, dict) and all(
