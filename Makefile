@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test examples bench clean
+.PHONY: install demo test examples bench cluster-demo clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,9 @@ test: $(STAMP)  ## run the whole test suite
 
 bench: $(STAMP)  ## actorgrad vs plain PyTorch and torch.distributed.rpc; writes bench/results.md
 	$(PY) -m bench.bench
+
+cluster-demo: $(STAMP)  ## a real 2-node Ray cluster on this machine; submits a job; checks placement
+	PY=$(PY) bash cluster/demo.sh
 
 examples: $(STAMP)  ## run every example
 	$(PY) examples/quickstart.py
