@@ -172,8 +172,9 @@ class RayTransport:
         self.channels = channels
         if not ray.is_initialized():
             kwargs: dict[str, Any] = {"logging_level": logging.WARNING}
-            if address is None:
-                # Workers of an embedded instance import what this script imports.
+            if address is None and not os.environ.get("RAY_ADDRESS"):
+                # Workers of an embedded instance import what this script imports. Never when joining
+                # a cluster (ray job submit sets RAY_ADDRESS): its runtime env is the job's to set.
                 paths = [p for p in sys.path if p and os.path.isdir(p)]
                 env = dict(ray_kwargs.pop("runtime_env", None) or {})
                 env.setdefault("env_vars", {}).setdefault("PYTHONPATH", os.pathsep.join(paths))
@@ -199,9 +200,13 @@ class RayTransport:
             self._io_thread.start()
 
     def check_feasible(self, name: str, request: dict[str, float]) -> None:
-        """Fail fast when no node of the cluster has, in total, what a worker asks for."""
+        """Fail fast when no node of the cluster has, in total, what a worker asks for.
+
+        An autoscaling cluster may add such a node later: ACTORGRAD_PLACEMENT_CHECK=0 turns this off
+        (the worker then waits for Ray, within the runtime's deadline).
+        """
         wanted = {k: v for k, v in request.items() if v}
-        if not wanted:
+        if not wanted or os.environ.get("ACTORGRAD_PLACEMENT_CHECK", "1") == "0":
             return
         nodes = [n for n in ray.nodes() if n.get("Alive")]
         if any(all(n.get("Resources", {}).get(k, 0.0) >= v for k, v in wanted.items()) for n in nodes):
