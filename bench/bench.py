@@ -76,13 +76,16 @@ def run_actorgrad(backend: str, params: list[dict], data: list, lr: float, stale
         mse = ag.spawn(torch.nn.MSELoss(), name="mse", max_staleness=staleness)
         # Warm up at full size outside the timed steps (kernels, allocator, channels). The seed is
         # zero, so plain SGD leaves every parameter as it was and the runs stay comparable.
-        x0, y0 = data[0]
-        warm = []
-        for xm, ym in zip(x0.chunk(micro), y0.chunk(micro)):
-            h = xm
-            for w in workers:
-                h = w(h)
-            warm.append(mse(h, ym))
+        def forward(x: torch.Tensor, y: torch.Tensor) -> list:
+            losses = []
+            for xm, ym in zip(x.chunk(micro), y.chunk(micro)):
+                h = xm
+                for w in workers:
+                    h = w(h)
+                losses.append(mse(h, ym))
+            return losses
+
+        warm = forward(*data[0])
         ag.backward(*warm, gradients=[torch.zeros(()) for _ in warm])
         ag.step()
         times = []
@@ -94,13 +97,7 @@ def run_actorgrad(backend: str, params: list[dict], data: list, lr: float, stale
                     h.wait()
                 t_mark = time.perf_counter()
             t0 = time.perf_counter()
-            losses = []
-            for xm, ym in zip(x.chunk(micro), y.chunk(micro)):
-                h = xm
-                for w in workers:
-                    h = w(h)
-                losses.append(mse(h, ym))
-            ag.backward(*losses)  # one pass over all micro-batches of the step
+            ag.backward(*forward(x, y))  # one pass over all micro-batches of the step
             if staleness:
                 handles.append(ag.step(wait=False))
             else:

@@ -8,7 +8,7 @@ boundary and ``torch.autograd.grad`` yields exactly this worker's part.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from torch.func import functional_call
@@ -25,17 +25,20 @@ class Saved:
     params: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
+def map_leaves(tree: Any, fn: Callable[[Any], Any]) -> Any:
+    """Apply ``fn`` to every leaf of a tree of lists, tuples and dicts; keep the structure."""
+    if isinstance(tree, list):
+        return [map_leaves(x, fn) for x in tree]
+    if isinstance(tree, tuple):
+        return tuple(map_leaves(x, fn) for x in tree)
+    if isinstance(tree, dict):
+        return {k: map_leaves(v, fn) for k, v in tree.items()}
+    return fn(tree)
+
+
 def fill_slots(tree: Any, values: list[torch.Tensor]) -> Any:
     """Replace every Slot in an argument tree by its arrived value."""
-    if isinstance(tree, Slot):
-        return values[tree.index]
-    if isinstance(tree, list):
-        return [fill_slots(x, values) for x in tree]
-    if isinstance(tree, tuple):
-        return tuple(fill_slots(x, values) for x in tree)
-    if isinstance(tree, dict):
-        return {k: fill_slots(v, values) for k, v in tree.items()}
-    return tree
+    return map_leaves(tree, lambda x: values[x.index] if isinstance(x, Slot) else x)
 
 
 def flatten_outputs(result: Any) -> tuple[list[torch.Tensor], bool]:

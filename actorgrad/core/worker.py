@@ -37,7 +37,7 @@ from ..optim import OptimizerSpec, build_optimizer
 from . import messages as m
 from .ledger import Arrival, Ledger
 from .rules import PendingGrads, Rule, Updater, add_grads, make_rule
-from .vjp import Saved, default_vjp, make_leaves, run_forward
+from .vjp import Saved, default_vjp, make_leaves, map_leaves, run_forward
 from ..trace import MESSAGE_TID, Tracer, now_us
 
 log = logging.getLogger("actorgrad.worker")
@@ -866,15 +866,7 @@ def _looks_like_shape_error(exc: BaseException) -> bool:
 def _to_device(tree: Any, device: torch.device) -> Any:
     if device.type == "cpu":
         return tree
-    if isinstance(tree, torch.Tensor):
-        return tree.to(device)
-    if isinstance(tree, list):
-        return [_to_device(x, device) for x in tree]
-    if isinstance(tree, tuple):
-        return tuple(_to_device(x, device) for x in tree)
-    if isinstance(tree, dict):
-        return {k: _to_device(v, device) for k, v in tree.items()}
-    return tree
+    return map_leaves(tree, lambda x: x.to(device) if isinstance(x, torch.Tensor) else x)
 
 
 def _fix_optimizer_state(sd: dict) -> dict:
