@@ -76,6 +76,7 @@ class StepRecord:
     delivered: bool = False
     close_pending: set[str] = field(default_factory=set)
     closing: bool = False
+    committed: bool = False
     reports: dict[str, WorkerReport] = field(default_factory=dict)
     report: Optional[StepReport] = None
     started: float = field(default_factory=time.perf_counter)
@@ -215,6 +216,12 @@ class Runtime:
                 name=p.worker, calls=int(d["calls"]), passes=int(d["passes"]), applied=bool(d["applied"]),
                 grad_norm=d.get("grad_norm"), version=int(d["version"]))
             step.close_pending.discard(p.worker)
+            if not step.close_pending and step.error is None and not step.committed:
+                # Every worker is ready: now, and only now, they apply the step's updates.
+                step.committed = True
+                for w in sorted(step.participants()):
+                    if w in self.workers:
+                        self._post(w, m.Commit(step.id))
             # A worker closes a step only after finishing all of its passes; its pass
             # replies may still be on their way (Ray does not order replies).
             for pid in step.pass_workers.get(p.worker, []):

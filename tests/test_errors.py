@@ -281,3 +281,71 @@ def test_calling_a_worker_after_shutdown_is_a_clear_error(backend):
         w(torch.randn(2, 3))
     assert "shut down" in str(info.value)
     ag.init(backend=backend)
+
+
+class SlowBackwardLinear(ag.Module):
+    """A Linear whose backward takes a while, so that it can be killed in the middle."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(3, 3)
+
+    def forward(self, x):
+        return self.lin(x)
+
+    def backward(self, inputs, outputs, grad_outputs):
+        time.sleep(2.0)
+        return super().backward(inputs, outputs, grad_outputs)
+
+
+def kill_and_wait(actor) -> None:
+    """ray.kill returns before the process is gone: wait until the actor answers no more."""
+    import ray
+
+    ray.kill(actor)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        try:
+            ray.get(actor.ping.remote(), timeout=1)
+        except Exception:
+            return
+        time.sleep(0.1)
+    raise AssertionError("the actor did not die")
+
+
+@pytest.fixture
+def ray_backend(ray_session):
+    ray_session()
+    ag.init(backend="ray", timeout=30)
+    yield
+    ag.shutdown()
+
+
+def test_a_dead_worker_fails_the_waits_on_it_and_the_others_stay_usable(ray_backend):
+    lin, w, mse = model()
+    victim = ag.spawn(torch.nn.Linear(1, 1), name="victim", optimizer=ag.Optim(torch.optim.SGD, lr=0.1))
+    mse(victim(w(torch.randn(4, 3))), torch.randn(4, 1)).backward()
+    ag.step()
+    kill_and_wait(victim.actor)
+    start = time.monotonic()
+    with pytest.raises(E.WorkerDied) as info:
+        mse(victim(w(torch.randn(4, 3))), torch.randn(4, 1)).backward()
+        ag.step()
+    assert info.value.worker == "victim" and time.monotonic() - start < 30
+    lin.load_state_dict(w.state_dict())  # the first step trained w: continue from there
+    correct_step_works(lin, w, mse)
+
+
+def test_a_worker_killed_mid_backward_fails_the_step_naming_it(ray_backend):
+    lin, w, mse = model()
+    slow = ag.spawn(SlowBackwardLinear(), name="slow", optimizer=ag.Optim(torch.optim.SGD, lr=0.1))
+    w(slow(torch.randn(4, 3))).value()
+    ag.step()
+    mse(w(slow(torch.randn(4, 3))), torch.randn(4, 1)).backward()
+    time.sleep(0.8)  # slow is now inside its backward
+    kill_and_wait(slow.actor)
+    with pytest.raises(E.WorkerDied) as info:
+        ag.step()
+    assert info.value.worker == "slow"
+    torch.testing.assert_close(w.state_dict()["weight"], lin.weight)  # the failed step applied nothing
+    correct_step_works(lin, w, mse)

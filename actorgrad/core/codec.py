@@ -272,6 +272,7 @@ SCHEMA: dict[int, tuple[type, tuple[Callable[[Any], Any], ...]]] = {
     10: (m.SetState, (_int, _str, _tree)),
     11: (m.Ack, (_int, _tree)),
     12: (m.Failure, (_int, _dict)),
+    13: (m.Commit, (_int,)),
 }
 _CODES = {cls: code for code, (cls, _) in SCHEMA.items()}
 

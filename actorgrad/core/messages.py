@@ -131,6 +131,13 @@ class Close:
 
 
 @dataclass(frozen=True, slots=True)
+class Commit:
+    """Caller -> worker: every worker is ready to close this step; apply its update now."""
+
+    step: int
+
+
+@dataclass(frozen=True, slots=True)
 class Abort:
     """Caller -> worker: drop everything of this step; apply nothing from it."""
 
@@ -181,6 +188,6 @@ class Failure:
 
 
 Message = Union[
-    Forward, Route, Value, Plan, Gradient, Close, Abort, Fetch, GetState, SetState, Ack, Failure
+    Forward, Route, Value, Plan, Gradient, Close, Commit, Abort, Fetch, GetState, SetState, Ack, Failure
 ]
 Request = Union[Forward, Plan, Close, Fetch, GetState, SetState]

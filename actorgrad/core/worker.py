@@ -12,8 +12,11 @@ Rules this file keeps:
    gradient, so the producers' counts always complete.
 3. A pass is complete here when every call it plans here has run its VJP;
    the update rule then sees its gradients (see rules.py).
-4. A step closes here when all its calls ran and all its passes completed;
-   the rule applies what it holds and the step's saved state is freed.
+4. A step closes in two phases. On Close, once all its calls ran and all its
+   passes completed here, the worker answers that it is ready (and what it
+   would apply). Only on Commit, which the caller sends once every worker is
+   ready, does the rule apply what it holds and the step's state get freed:
+   a step that fails anywhere before that applies nothing anywhere.
 5. An aborted step leaves nothing behind and applies nothing.
 
 Nothing here does IO: the host delivers the outbox. ``(None, msg)`` in the
@@ -36,7 +39,7 @@ from ..module import has_custom_backward
 from ..optim import OptimizerSpec, build_optimizer
 from . import messages as m
 from .ledger import Arrival, Ledger
-from .rules import PendingGrads, Rule, Updater, add_grads, make_rule
+from .rules import PendingGrads, Rule, Updater, add_grads, grad_norm, make_rule
 from .vjp import Saved, default_vjp, make_leaves, map_leaves, run_forward
 from ..trace import MESSAGE_TID, Tracer, now_us
 
@@ -129,6 +132,8 @@ class StepState:
     passes: list[int] = field(default_factory=list)
     close: Optional[m.Close] = None
     applied: bool = False  # an update landed during the step (rules "pass", callables)
+    ready: bool = False  # answered its Close: every call and pass of the step is done here
+    commit: bool = False  # the caller said every worker is ready: apply
     grad_norm: Optional[float] = None  # of the last gradient applied in the step
 
 
@@ -165,6 +170,7 @@ class WorkerCore:
         if self.max_staleness > 0:
             self.snapshots[0] = self._clone_params()
         self.tracer = Tracer(self.name, spec.trace)
+        self.commit_error: Optional[E.ActorgradError] = None
         self._out: list[Out] = []
 
     # --- entry point --------------------------------------------------------
@@ -189,6 +195,10 @@ class WorkerCore:
                 self._on_gradient(msg)
             case m.Close():
                 self._on_close(msg)
+            case m.Commit():
+                st = self.steps.get(msg.step)
+                if st is not None:
+                    st.commit = True
             case m.Abort():
                 self._on_abort(msg)
             case m.Fetch():
@@ -614,6 +624,16 @@ class WorkerCore:
         self._step(msg.step).close = msg
 
     def _try_close(self, step: int, st: StepState) -> bool:
+        """Phase 1 (answer Close once ready) and phase 2 (apply on Commit); True once closed."""
+        if not st.ready:
+            self._try_ready(step, st)
+            if step not in self.steps:
+                return True  # failed and dropped
+        if not (st.ready and st.commit):
+            return False
+        return self._commit(step, st)
+
+    def _try_ready(self, step: int, st: StepState) -> None:
         msg = st.close
         assert msg is not None
         for call in msg.calls:
@@ -621,9 +641,9 @@ class WorkerCore:
             if c is None:
                 self._fail(msg.req, self._error(E.ActorgradError, f"close names call {call}, unknown here", call, step))
                 self._drop_step(step)
-                return True
+                return
             if c.status == "waiting":
-                return False
+                return
         failed = None
         for pid in msg.passes:
             ps = self.passes.get(pid)
@@ -634,7 +654,9 @@ class WorkerCore:
                 failed = self._error(E.StepAborted, f"pass {pid} failed in this step", step=step)
                 break
             if not ps.complete:
-                return False
+                return
+        if failed is None and self.commit_error is not None:
+            failed, self.commit_error = self.commit_error, None
         if failed is None:
             for call in st.calls:
                 c = self.calls.get(call)
@@ -645,7 +667,21 @@ class WorkerCore:
             self._fail(msg.req, failed)
             self._drop_step(step)
             self.aborted.add(step)
-            return True
+            return
+        pending = self.pending.by_step.get(step) or {}
+        st.ready = True
+        self._ack(msg.req, {
+            "worker": self.name,
+            "calls": len(st.calls),
+            "passes": len(st.passes),
+            "applied": bool(st.applied or pending),
+            "grad_norm": grad_norm(pending) if pending else st.grad_norm,
+            "version": self.updater.version + (1 if pending else 0),
+        })
+
+    def _commit(self, step: int, st: StepState) -> bool:
+        msg = st.close
+        assert msg is not None
         try:
             t0 = now_us() if self.tracer.enabled else 0.0
             applied = self.rule.on_close(self.updater, self.pending, step)
@@ -653,17 +689,12 @@ class WorkerCore:
                 self.tracer.span("update", t0, now_us(), step=step)
             if self.max_staleness > 0:
                 self._take_snapshot(step)
-        except E.ActorgradError as err:
-            self._fail(msg.req, err)
-            self._drop_step(step)
-            self.aborted.add(step)
-            return True
         except Exception as exc:
-            self._fail(msg.req, self._error(E.WorkerError, f"update raised {type(exc).__name__}: {exc}",
-                                            step=step, exc=exc))
-            self._drop_step(step)
-            self.aborted.add(step)
-            return True
+            # The caller already has this step's report: the error is raised with the next step.
+            err = exc if isinstance(exc, E.ActorgradError) else self._error(
+                E.WorkerError, f"update raised {type(exc).__name__}: {exc}", step=step, exc=exc)
+            log.error("%s: the update of step %d failed: %s", self.name, step, err)
+            self.commit_error = err
         retain = set(map(tuple, msg.retain))
         for key in [k for k, (s, _) in self.retained.items() if s < step]:
             del self.retained[key]
@@ -674,17 +705,8 @@ class WorkerCore:
             for out, t in enumerate(c.outputs):
                 if (call, out) in retain:
                     self.retained[(call, out)] = (step, t)
-        report = {
-            "worker": self.name,
-            "calls": len(st.calls),
-            "passes": len(st.passes),
-            "applied": bool(applied or st.applied),
-            "grad_norm": self.updater.last_grad_norm if applied else st.grad_norm,
-            "version": self.updater.version,
-        }
         self._drop_step(step)
         self.closed.add(step)
-        self._ack(msg.req, report)
         return True
 
     def _drop_step(self, step: int) -> None:

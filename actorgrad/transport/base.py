@@ -143,10 +143,12 @@ class Host:
         # [Note: inline compute] Cheap messages run on the loop: a thread hop per message would
         # cost more than the work. Once handling gets expensive (real compute), the core runs on
         # the compute thread so the loop keeps receiving and sending meanwhile.
-        await self._run_core(msgs)
-        # Messages computed above are on their way; now the updates of steps ready to close.
-        if self.core.has_deferred():
-            await self._run_core([None])
+        for msg in msgs:
+            await self._run_core([msg])
+            # What that message produced is on its way; now the deferred work (closing steps,
+            # updates), before the next message, which must see its effect.
+            if self.core.has_deferred():
+                await self._run_core([None])
 
     async def _run_core(self, msgs: list) -> None:
         if self.inline and self._cost < INLINE_SECONDS:

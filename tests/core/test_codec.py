@@ -24,6 +24,7 @@ SAMPLES = [
     m.Gradient(5, 1, 2, 0, "head", 9, 0, None),
     m.Close(6, 1, (2, 9), (5,), ((2, 0),)),
     m.Abort(1, "why"),
+    m.Commit(3),
     m.Fetch(7, 2, 0),
     m.GetState(8, "full"),
     m.SetState(9, "module", {"weight": T, "n": {0: [1, 2]}}),

@@ -75,6 +75,8 @@ def test_one_pass_sends_input_gradient_and_step_applies_update():
     out = core.handle(m.Close(3, 1, (10,), (100,), ()))
     report = acks(out)[3]
     assert report["applied"] is True
+    torch.testing.assert_close(core.module.weight, ref.weight)  # ready, but nothing applied before Commit
+    core.handle(m.Commit(1))
     with torch.no_grad():
         for p in ref.parameters():
             p -= 0.1 * p.grad
@@ -167,6 +169,8 @@ def test_abort_drops_the_step_and_applies_nothing():
     out = core.handle(m.Abort(1, "another worker failed"))
     assert core.calls == {} and core.passes == {} and core.pending.by_step == {}
     torch.testing.assert_close(core.module.weight, ref.weight)
+    core.handle(m.Commit(1))  # a stray commit of an aborted step changes nothing
+    torch.testing.assert_close(core.module.weight, ref.weight)
     assert core.handle(m.Close(3, 1, (10,), (100,), ())) and isinstance(
         failures(core.handle(m.Close(4, 1, (), (), ())))[4], E.StepAborted)
 
@@ -193,7 +197,9 @@ def test_staleness_gate_holds_a_forward_until_the_previous_step_closes():
     out = core.handle(m.Forward(3, 11, 2, [torch.randn(4, 3)], {}, (), True))
     assert 3 not in acks(out)  # step 1 is not closed yet
     out = core.handle(m.Close(4, 1, (10,), (100,), ()))
-    assert 4 in acks(out) and 3 in acks(out)  # closing step 1 released step 2's forward
+    assert 4 in acks(out) and 3 not in acks(out)  # ready, but step 1's update has not landed
+    out = core.handle(m.Commit(1))
+    assert 3 in acks(out)  # committing step 1 released step 2's forward
 
 
 def test_seed_without_gradient_on_non_scalar_output_is_a_shape_error():
@@ -215,9 +221,11 @@ def test_retained_output_is_fetchable_after_close_until_the_next_close():
     core, _ = linear_core()
     core.handle(m.Forward(1, 10, 1, [torch.randn(4, 3)], {}, (), True))
     core.handle(m.Close(2, 1, (10,), (), ((10, 0),)))
+    core.handle(m.Commit(1))
     assert isinstance(acks(core.handle(m.Fetch(3, 10, 0)))[3], torch.Tensor)
     core.handle(m.Forward(4, 11, 2, [torch.randn(4, 3)], {}, (), True))
     core.handle(m.Close(5, 2, (11,), (), ()))
+    core.handle(m.Commit(2))
     assert isinstance(failures(core.handle(m.Fetch(6, 10, 0)))[6], E.StepClosedError)
 
 
@@ -241,4 +249,5 @@ def test_custom_backward_is_used():
     out = core.handle(m.Plan(2, 100, 1, (m.Expect(10, 0, ((m.SEED, 0),)),), (m.SeedGrad(10, 0, 0, torch.ones(3)),)))
     torch.testing.assert_close(sends(out)[0][1].tensor, torch.full((3,), 10.0))
     core.handle(m.Close(3, 1, (10,), (100,), ()))
+    core.handle(m.Commit(1))
     assert core.module.w.item() == pytest.approx(1.0)
