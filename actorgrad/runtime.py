@@ -234,8 +234,6 @@ class Runtime:
         assert err is not None
         if err.worker is None:
             err.worker = p.worker
-        if p.kind == "forward":
-            p.obj.failed = True
         if p.kind == "plan" and p.obj.error is None:
             p.obj.error = err
         if p.step is not None and p.kind in ("forward", "plan", "close"):
@@ -341,7 +339,7 @@ class Runtime:
     def spawn(self, module: torch.nn.Module, *, optimizer: Any, name: Optional[str], update: Any, max_staleness: int,
               num_cpus: Optional[float], num_gpus: Optional[float], resources: Optional[dict], device: Any) -> Worker:
         """Place ``module`` in a worker of its own."""
-        from .core.rules import make_rule
+        from .core.rules import CallableRule, make_rule
         from .module import has_custom_backward
         from .optim import normalize_optimizer
 
@@ -409,7 +407,7 @@ class Runtime:
             handle = Worker(self, name, actor, cls)
             self.workers[name] = WorkerInfo(
                 name=name, module_class=cls, trainable=any(p.requires_grad for p in params),
-                has_optimizer=opt is not None, custom_rule=type(rule).__name__ == "CallableRule",
+                has_optimizer=opt is not None, custom_rule=isinstance(rule, CallableRule),
                 options=options, handle=handle, placed=not deferred)
             log.info("spawned worker %s (%s) on %s", name, cls, self.backend)
             return handle
@@ -524,7 +522,6 @@ class Runtime:
             self.graph.add(rec)
             if step.error is not None:
                 # The step already failed (its error is not raised yet): nothing is sent for it.
-                rec.failed = True
                 single, n = info.arity or (True, 1)
                 nodes = [Node(self, rec, k) for k in range(n)]
                 return nodes[0] if single else tuple(nodes)

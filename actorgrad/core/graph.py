@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Optional
+from dataclasses import dataclass
+from typing import Optional
 
 from .messages import SEED, Expect
 
@@ -19,8 +19,6 @@ class CallRecord:
     refs: list[tuple[int, int, bool]]  # per input slot: (producer call, output, carries gradient)
     saved: bool  # False under ag.no_grad()
     meta: Optional[dict] = None  # from the worker's reply: {"single", "outputs": [[shape, dtype, requires_grad]]}
-    failed: bool = False
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 class Graph:

@@ -63,7 +63,6 @@ class Updater:
         self.module = module
         self.optimizer = optimizer
         self.version = 0  # number of updates applied; names a weight version
-        self.applied_steps = 0
         self.last_grad_norm: Optional[float] = None  # of the last gradient applied
 
     def apply(self, grads: Grads, step: int) -> bool:

@@ -39,7 +39,7 @@ from ..module import has_custom_backward
 from ..optim import OptimizerSpec, build_optimizer
 from . import messages as m
 from .ledger import Arrival, Ledger
-from .rules import PendingGrads, Rule, Updater, add_grads, grad_norm, make_rule
+from .rules import CallableRule, PendingGrads, Rule, Updater, add_grads, grad_norm, make_rule
 from .vjp import Saved, default_vjp, make_leaves, map_leaves, run_forward
 from ..trace import MESSAGE_TID, Tracer, now_us
 
@@ -501,7 +501,7 @@ class WorkerCore:
             self._fail_pass(ps, self._error(E.WorkerError, f"backward raised {type(exc).__name__}: {exc}",
                                             call, ps.step, exc))
             return
-        if param_grads and self.optimizer is None and not self.rule.__class__.__name__ == "CallableRule":
+        if param_grads and self.optimizer is None and not isinstance(self.rule, CallableRule):
             self._fail_pass(ps, self._error(
                 E.ConfigError, "parameters received gradients but the worker has no optimizer; pass "
                 "optimizer=ag.Optim(...) to ag.spawn, or set requires_grad=False on them", call, ps.step))
@@ -753,11 +753,14 @@ class WorkerCore:
         progress = True
         while progress:
             progress = self._run_ready_forwards()
-            for ps in list(self.passes.values()):
-                if not (ps.failed or ps.complete):
-                    for call in ps.ledger.calls():
-                        if call not in ps.done_calls:
-                            self._try_vjp(ps, call)
+            if progress:
+                # Gradients are tried as they arrive; only a call whose forward just ran (a seed can
+                # come before it) may have become ready without a message of its own.
+                for ps in list(self.passes.values()):
+                    if not (ps.failed or ps.complete):
+                        for call in ps.ledger.calls():
+                            if call not in ps.done_calls:
+                                self._try_vjp(ps, call)
             # Updates land in step order: only the earliest open step may close.
             for step in (sorted(self.steps) if closes else ()):
                 st = self.steps[step]
