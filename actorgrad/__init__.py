@@ -12,6 +12,8 @@ from .api import backward, init, is_initialized, load, no_grad, placement, save,
 from .core.rules import UpdateContext
 from .handles import Node, Pass, StepHandle, StepReport, Worker, WorkerReport
 from .module import Module
+from . import nn
+from .nn import FeedbackAlignment, StraightThrough, SyntheticGradient
 from .optim import Optim
 
 logging.getLogger("actorgrad").addHandler(logging.NullHandler())
@@ -39,5 +41,9 @@ __all__ = [
     "StepReport",
     "WorkerReport",
     "UpdateContext",
+    "FeedbackAlignment",
+    "StraightThrough",
+    "SyntheticGradient",
+    "nn",
     "errors",
 ]
