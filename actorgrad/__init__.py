@@ -8,7 +8,8 @@
 import logging
 
 from . import errors
-from .api import backward, init, is_initialized, load, no_grad, placement, save, shutdown, spawn, step, trace
+from .api import (backward, graph, init, is_initialized, load, no_grad, placement, save, shutdown, spawn, step,
+                  trace)
 from .core.rules import UpdateContext
 from .handles import Node, Pass, StepHandle, StepReport, Worker, WorkerReport
 from .module import Module
@@ -31,6 +32,7 @@ __all__ = [
     "save",
     "load",
     "trace",
+    "graph",
     "placement",
     "Optim",
     "Module",

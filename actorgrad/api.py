@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import threading
 from typing import Any, Iterator, Optional, Sequence, Union
 
@@ -147,6 +148,25 @@ def trace(path: str) -> Iterator[str]:
         rt.collect_trace(path)
         if not was:
             rt.set_tracing(False)
+
+
+def graph(path: Optional[Union[str, os.PathLike]] = None, *, step: Optional[int] = None) -> str:
+    """The worker graph of the last closed step as Graphviz DOT; also written to ``path`` when given.
+
+    ``path`` ending in .dot or .gv gets the DOT source; .png, .svg or .pdf is rendered with
+    Graphviz's ``dot`` (ConfigError if it is not installed). Before any step closed, the current
+    step is drawn; ``step=`` picks the last closed step or the current one by number.
+    """
+    from . import viz
+
+    rt = _current()
+    rt.poll()
+    with rt._lock:
+        snap = viz.from_runtime(rt, step)
+    dot = snap.to_dot()
+    if path is not None:
+        viz.write(dot, path)
+    return dot
 
 
 def save(path: str, timeout: Optional[float] = None) -> None:

@@ -50,6 +50,7 @@ class WorkerInfo:
     handle: Worker
     arity: Optional[tuple[bool, int]] = None  # (returns a single tensor, number of outputs)
     placed: bool = True  # False while its ag.placement block is open
+    optimizer: Any = None  # the optimizer recipe, for ag.graph
 
 
 @dataclass
@@ -61,6 +62,7 @@ class PassRecord:
     workers: set[str] = field(default_factory=set)
     pending: set[str] = field(default_factory=set)
     error: Optional[E.ActorgradError] = None
+    seeds: list[tuple[int, int]] = field(default_factory=list)  # (call, output) per seed
 
 
 @dataclass
@@ -123,6 +125,8 @@ class Runtime:
         self._group: Optional[tuple[str, list[tuple[WorkerSpec, dict[str, Any]]]]] = None
         self.step = self._open_step(1)
         self._local = threading.local()
+        # The last closed step and its calls, kept past Graph.drop_step for ag.graph().
+        self.last_graph: Optional[tuple[StepRecord, list[CallRecord]]] = None
 
     # --- plumbing -------------------------------------------------------------
 
@@ -408,7 +412,7 @@ class Runtime:
             self.workers[name] = WorkerInfo(
                 name=name, module_class=cls, trainable=any(p.requires_grad for p in params),
                 has_optimizer=opt is not None, custom_rule=isinstance(rule, CallableRule),
-                options=options, handle=handle, placed=not deferred)
+                options=options, handle=handle, placed=not deferred, optimizer=opt)
             log.info("spawned worker %s (%s) on %s", name, cls, self.backend)
             return handle
 
@@ -602,7 +606,7 @@ class Runtime:
                         "optimizer=ag.Optim(...) to ag.spawn, or set requires_grad=False on its parameters",
                         worker=rec.worker, call=cid, step=step.id)
             plan = self.graph.plan(seeds)
-            prec = PassRecord(next(self._ids), step)
+            prec = PassRecord(next(self._ids), step, seeds=seeds)
             step.passes[prec.id] = prec
             for worker, expects in plan.items():
                 here = tuple(m.SeedGrad(c, o, i, g) for i, ((c, o), g) in enumerate(zip(seeds, grads))
@@ -664,6 +668,9 @@ class Runtime:
             self._check_open()
             self._drain()
             step = self.step
+            known = self.graph.calls
+            if step.calls:  # an empty step keeps the previous picture
+                self.last_graph = (step, [known[c] for cs in step.calls.values() for c in cs if c in known])
             if step.error is not None:
                 self.step = self._open_step(step.id + 1)
                 self.graph.drop_step(step.id)
