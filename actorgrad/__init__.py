@@ -8,14 +8,14 @@
 import logging
 
 from . import errors
-from .api import (backward, graph, init, is_initialized, load, no_grad, placement, save, shutdown, spawn, step,
+from .api import (backward, graph, init, is_initialized, load, no_grad, placement, save, shutdown, spawn, step, train,
                   trace)
 from .core.rules import UpdateContext
 from .handles import Node, Pass, StepHandle, StepReport, Worker, WorkerReport
 from .module import Module
 from . import nn
 from .nn import FeedbackAlignment, StraightThrough, SyntheticGradient
-from .optim import Optim
+from .optim import Optim, Schedule
 
 logging.getLogger("actorgrad").addHandler(logging.NullHandler())
 
@@ -28,6 +28,7 @@ __all__ = [
     "spawn",
     "backward",
     "step",
+    "train",
     "no_grad",
     "save",
     "load",
@@ -35,6 +36,7 @@ __all__ = [
     "graph",
     "placement",
     "Optim",
+    "Schedule",
     "Module",
     "Worker",
     "Node",

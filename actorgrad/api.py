@@ -6,7 +6,7 @@ import contextlib
 import logging
 import os
 import threading
-from typing import Any, Iterator, Optional, Sequence, Union
+from typing import Any, Callable, Iterator, Optional, Sequence, Union
 
 import torch
 
@@ -24,11 +24,19 @@ BACKENDS = ("ray", "local")
 
 
 def init(address: Optional[str] = None, *, backend: str = "ray", timeout: float = DEFAULT_TIMEOUT,
-         trace: Optional[str] = None, **ray_kwargs: Any) -> Runtime:
+         trace: Optional[str] = None, recover: bool = False, checkpoint_every: int = 10,
+         checkpoint_dir: Optional[str] = None, max_restarts: int = 3, keep_checkpoints: int = 2,
+         check_finite: bool = False, worker_timeout: Optional[float] = None, **ray_kwargs: Any) -> Runtime:
     """Start or join the runtime (idempotent); ``backend="local"`` runs every worker in this process.
 
-    ``timeout`` is the default deadline of every wait; ``trace="run.json"`` records a timeline of
-    every worker and writes it at ``ag.shutdown()``.
+    ``timeout`` is the default deadline of every wait in the caller; ``worker_timeout`` (default
+    ``max(600, 5 * timeout)``) bounds how long a step may hold state in a worker without progress.
+    ``trace="run.json"`` records a timeline of every worker and writes it at ``ag.shutdown()``.
+    ``recover=True`` checkpoints every ``checkpoint_every`` steps into ``checkpoint_dir`` (a
+    temporary directory if None; the last ``keep_checkpoints`` are kept), lets Ray restart a dead
+    worker up to ``max_restarts`` times, and then restores every worker to the last checkpoint
+    (see ``ag.train`` for replaying the lost steps). ``check_finite=True`` makes every worker check
+    its outputs and gradients and raise NonFiniteError where NaN or Inf first appears.
     """
     global _runtime, _init_args
     with _lock:
@@ -51,7 +59,11 @@ def init(address: Optional[str] = None, *, backend: str = "ray", timeout: float 
             from .transport.ray import RayTransport
 
             transport = RayTransport(address, **ray_kwargs)
-        _runtime = Runtime(transport, timeout=float(timeout), trace=trace)
+        _runtime = Runtime(transport, timeout=float(timeout), trace=trace, check_finite=check_finite,
+                           worker_timeout=worker_timeout)
+        if recover:
+            _runtime.enable_recovery(checkpoint_every=checkpoint_every, checkpoint_dir=checkpoint_dir,
+                                     max_restarts=max_restarts, keep=keep_checkpoints)
         _init_args = (address, backend)
         log.info("actorgrad started (backend=%s)", backend)
         return _runtime
@@ -89,10 +101,43 @@ def _current() -> Runtime:
 
 def spawn(module: torch.nn.Module, *, optimizer: Any = None, name: Optional[str] = None, update: Any = "step",
           max_staleness: int = 0, num_cpus: Optional[float] = None, num_gpus: Optional[float] = None,
-          resources: Optional[dict[str, float]] = None, device: Any = None) -> Worker:
-    """Place any torch.nn.Module in its own worker."""
+          resources: Optional[dict[str, float]] = None, device: Any = None,
+          max_restarts: Optional[int] = None) -> Worker:
+    """Place any torch.nn.Module in its own worker.
+
+    ``max_restarts`` (Ray backend) lets Ray restart this worker's process that many times; a value
+    above 0 switches the runtime's recovery on (see ``ag.init(recover=True)``); None takes the
+    runtime's default (``max_restarts`` of ag.init with recovery on, else 0).
+    """
     return runtime().spawn(module, optimizer=optimizer, name=name, update=update, max_staleness=max_staleness,
-                           num_cpus=num_cpus, num_gpus=num_gpus, resources=resources, device=device)
+                           num_cpus=num_cpus, num_gpus=num_gpus, resources=resources, device=device,
+                           max_restarts=max_restarts)
+
+
+def train(step_fn: Callable[[int], Any], steps: int, *, timeout: Optional[float] = None) -> list[StepReport]:
+    """Run ``step_fn(s)`` and ``ag.step()`` for every step ``s`` up to ``steps`` (step ids count from 1).
+
+    ``step_fn`` issues one step's calls and backward passes for step ``s``; it must depend only on
+    ``s`` (e.g. take batch ``s`` of a fixed data order), so that a step can be run again. When a
+    worker dies and the runtime recovered (``ag.init(recover=True)``), the loop goes back to the
+    restored checkpoint and replays the lost steps, so the result equals an uninterrupted run.
+    Returns one StepReport per step, in step order.
+    """
+    rt = _current()
+    reports: dict[int, StepReport] = {}
+    while rt.step.id <= steps:
+        s = rt.step.id
+        try:
+            step_fn(s)
+            rep = rt.close_step(True, timeout)
+        except E.WorkerDied as err:
+            if not err.recovered:
+                raise
+            log.warning("step %d: %s; replaying steps %s from the checkpoint of step %d",
+                        s, err.message, err.replay, err.restored_step)
+            continue
+        reports[rep.step] = rep
+    return [reports[k] for k in sorted(reports) if k <= steps]
 
 
 def backward(*nodes: Union[Node, Sequence[Node]], gradients: Optional[Sequence[Any]] = None) -> Pass:

@@ -35,6 +35,8 @@ log = logging.getLogger("actorgrad.checkpoint")
 FORMAT = "actorgrad-checkpoint"
 FORMAT_VERSION = 1
 META = "meta.msgpack"
+# Options that change what the saved state means; the others (placement, threads) may differ.
+_MUST_MATCH = ("update", "max_staleness", "optimizer")
 
 
 def _sha256(path: str) -> str:
@@ -141,6 +143,12 @@ def load_checkpoint(rt: "Runtime", path: str, timeout: Optional[float] = None) -
                 raise E.CheckpointError(
                     f"the checkpoint holds a {entry.get('class')} for this worker, but it runs a {info.module_class}",
                     worker=name)
+            saved_opts = entry.get("options") if isinstance(entry.get("options"), dict) else {}
+            for key in _MUST_MATCH:
+                if key in saved_opts and key in info.options and saved_opts[key] != info.options[key]:
+                    raise E.CheckpointError(
+                        f"the checkpoint was taken with {key}={saved_opts[key]!r} for this worker, but it runs "
+                        f"with {key}={info.options[key]!r}", worker=name)
             fpath = os.path.join(path, os.path.basename(entry["file"]))
             if not os.path.isfile(fpath):
                 raise E.CheckpointError(f"missing file {entry['file']!r}", worker=name)

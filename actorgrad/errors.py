@@ -16,6 +16,9 @@ __all__ = [
     "ShapeError",
     "WorkerError",
     "ForwardShapeError",
+    "DTypeError",
+    "ForwardDTypeError",
+    "NonFiniteError",
     "WorkerDied",
     "DeadlineExceeded",
     "StepClosedError",
@@ -45,7 +48,11 @@ class ActorgradError(Exception):
         self.cause_text = cause
         self.remote_traceback = remote_traceback
         self.message = message
-        super().__init__(self._render())
+        super().__init__(message)
+
+    def __str__(self) -> str:
+        # Rendered when shown: the runtime fills in the worker or step after raising sites create it.
+        return self._render()
 
     def _render(self) -> str:
         where = []
@@ -80,8 +87,30 @@ class ForwardShapeError(ShapeError, WorkerError):
     """A module's forward raised because an input had the wrong shape."""
 
 
+class DTypeError(ShapeError):
+    """A tensor of the wrong dtype: an input the module cannot take, or a non-floating gradient."""
+
+
+class ForwardDTypeError(DTypeError, WorkerError):
+    """A module's forward raised because an input had the wrong dtype."""
+
+
+class NonFiniteError(WorkerError):
+    """NaN or Inf appeared in this worker's output or gradients (``ag.init(check_finite=True)``)."""
+
+
 class WorkerDied(ActorgradError, RuntimeError):
-    """A worker's process died; waits that depend on it fail with this."""
+    """A worker's process died; waits that depend on it fail with this.
+
+    With recovery on (``ag.init(recover=True, ...)``), the runtime has already restarted the worker
+    and restored every worker to its last checkpoint when this is raised: ``recovered`` is True,
+    ``restored_step`` is the checkpoint's step and ``replay`` lists the steps that were lost and
+    must be run again (``ag.train`` does that by itself).
+    """
+
+    recovered: bool = False
+    restored_step: int | None = None
+    replay: list[int] = []
 
 
 class DeadlineExceeded(ActorgradError, TimeoutError):
@@ -116,6 +145,9 @@ _CLASSES: dict[str, type[ActorgradError]] = {
         ShapeError,
         WorkerError,
         ForwardShapeError,
+        DTypeError,
+        ForwardDTypeError,
+        NonFiniteError,
         WorkerDied,
         DeadlineExceeded,
         StepClosedError,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Optional, Sequence, Union
 
 import torch
@@ -34,6 +34,10 @@ class Worker:
     def stats(self, timeout: Optional[float] = None) -> dict[str, int]:
         """What the worker holds now: calls, saved graphs, stashed weights, passes, open steps."""
         return self._runtime.get_state(self.name, "stats", timeout)
+
+    def memory(self, timeout: Optional[float] = None) -> dict[str, int]:
+        """``stats()`` plus the worker process's resident memory (rss_bytes) and live tensor count."""
+        return self._runtime.get_state(self.name, "memory", timeout)
 
     def load_state_dict(self, state_dict: dict[str, torch.Tensor], timeout: Optional[float] = None) -> None:
         """Send parameters and buffers to the worker's module (strict, as in PyTorch)."""
@@ -131,7 +135,21 @@ class Pass:
 
 @dataclass(frozen=True)
 class WorkerReport:
-    """One worker's part of a step."""
+    """One worker's part of a step, and what its updates did.
+
+    - ``calls``, ``passes``: calls of this worker in the step, and passes that reached it.
+    - ``applied``: whether it applied an update; ``updates``: how many optimizer steps (one with
+      ``update="step"``; one per pass with ``update="pass"``); ``version``: updates applied so far.
+    - ``grad_norm``: the L2 norm of the gradient of its (last) update, before clipping.
+    - ``clipped``: whether ``clip_grad_norm`` / ``clip_grad_value`` changed a gradient.
+    - ``update_norm``: the L2 norm of the parameter change its updates made (with
+      ``ag.Optim(..., track_update_norm=True)``; else None).
+    - ``staleness``: for each update, how many updates the worker had applied between the weights
+      that the forwards behind its gradient used and the weights it was applied to; the largest.
+      0 with the defaults; k with ``max_staleness=k`` once a pipeline is full; None: no update.
+    - ``lr``: the learning rate its (last) update used (first param group; without an update, the
+      current one); ``lrs``: the same per param group. None / () without an optimizer.
+    """
 
     name: str
     calls: int
@@ -139,11 +157,53 @@ class WorkerReport:
     applied: bool
     grad_norm: Optional[float]
     version: int
+    updates: int = 0
+    update_norm: Optional[float] = None
+    staleness: Optional[int] = None
+    lr: Optional[float] = None
+    lrs: tuple[float, ...] = ()
+    clipped: bool = False
+
+    @classmethod
+    def from_dict(cls, name: str, d: dict[str, Any]) -> "WorkerReport":
+        """Build from the report a worker sends when it is ready to close a step."""
+        return cls(name=name, calls=int(d["calls"]), passes=int(d["passes"]), applied=bool(d["applied"]),
+                   grad_norm=d.get("grad_norm"), version=int(d["version"])).merged(d)
+
+    def merged(self, d: dict[str, Any]) -> "WorkerReport":
+        """This report with the update metrics of ``d`` (a worker's report of its updates)."""
+        lrs = tuple(float(x) for x in (d.get("lr") or ()))
+        staleness = d.get("staleness")
+        return replace(
+            self, updates=int(d.get("updates", self.updates)), grad_norm=d.get("grad_norm", self.grad_norm),
+            update_norm=d.get("update_norm", self.update_norm),
+            staleness=None if staleness is None else int(staleness),
+            lr=lrs[0] if lrs else None, lrs=lrs, clipped=bool(d.get("clipped", self.clipped)))
+
+    def __str__(self) -> str:
+        parts = [f"calls={self.calls}", f"passes={self.passes}", f"updates={self.updates}"]
+        if self.grad_norm is not None:
+            parts.append(f"grad_norm={self.grad_norm:.4g}" + (" (clipped)" if self.clipped else ""))
+        if self.update_norm is not None:
+            parts.append(f"update_norm={self.update_norm:.4g}")
+        if self.lr is not None:
+            parts.append(f"lr={self.lr:.4g}")
+        if self.staleness is not None:
+            parts.append(f"staleness={self.staleness}")
+        return f"{self.name}: " + ", ".join(parts)
+
+
+def _num(x: Optional[float]) -> str:
+    return "-" if x is None else f"{x:.4g}"
 
 
 @dataclass(frozen=True)
 class StepReport:
-    """What a closed step did: per worker, its calls, passes, and whether it updated."""
+    """What a closed step did: per worker, its calls, passes, whether it updated, and update metrics.
+
+    ``str(report)`` is a table with one row per worker; ``report.to_dict()`` gives plain values
+    for a logger.
+    """
 
     step: int
     workers: dict[str, WorkerReport] = field(default_factory=dict)
@@ -155,11 +215,30 @@ class StepReport:
         """Names of the workers that applied an update in this step."""
         return sorted(n for n, w in self.workers.items() if w.applied)
 
+    def to_dict(self) -> dict[str, Any]:
+        """The report as plain values: step, passes, seconds, and per worker its fields."""
+        return {"step": self.step, "passes": self.passes, "seconds": self.seconds,
+                "workers": {n: asdict(w) for n, w in self.workers.items()}}
+
+    def __repr__(self) -> str:
+        return (f"StepReport(step={self.step}, workers={len(self.workers)}, updated={self.updated}, "
+                f"passes={self.passes}, {self.seconds * 1000:.1f} ms)")
+
     def __str__(self) -> str:
-        return (
-            f"StepReport(step={self.step}, workers={len(self.workers)}, updated={len(self.updated)}, "
-            f"passes={self.passes}, {self.seconds * 1000:.1f} ms)"
-        )
+        head = (f"step {self.step}: {self.passes} pass{'es' if self.passes != 1 else ''}, "
+                f"{len(self.updated)}/{len(self.workers)} workers updated, {self.seconds * 1000:.1f} ms")
+        if not self.workers:
+            return head
+        cols = ["worker", "calls", "passes", "updates", "grad_norm", "clipped", "update_norm", "lr", "staleness"]
+        rows = [[w.name, str(w.calls), str(w.passes), str(w.updates), _num(w.grad_norm),
+                 "yes" if w.clipped else "-", _num(w.update_norm),
+                 _num(w.lr) if len(w.lrs) <= 1 else "/".join(_num(x) for x in w.lrs),
+                 "-" if w.staleness is None else str(w.staleness)]
+                for w in self.workers.values()]
+        widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(cols)]
+        lines = [head, "  " + "  ".join(c.ljust(wd) for c, wd in zip(cols, widths)).rstrip()]
+        lines += ["  " + "  ".join(v.ljust(wd) for v, wd in zip(r, widths)).rstrip() for r in rows]
+        return "\n".join(lines)
 
 
 class StepHandle:

@@ -14,7 +14,9 @@ from __future__ import annotations
 import itertools
 import logging
 import math
+import os
 import queue
+import shutil
 import threading
 import time
 import weakref
@@ -80,11 +82,26 @@ class StepRecord:
     closing: bool = False
     committed: bool = False
     reports: dict[str, WorkerReport] = field(default_factory=dict)
+    landing: set[str] = field(default_factory=set)  # workers that report their update after Commit
     report: Optional[StepReport] = None
     started: float = field(default_factory=time.perf_counter)
 
     def participants(self) -> set[str]:
         return set(self.calls) | set(self.pass_workers)
+
+
+@dataclass
+class Recovery:
+    """Recovery settings and the checkpoints taken so far (oldest first)."""
+
+    every: int
+    directory: str
+    max_restarts: int
+    keep: int
+    temporary: bool
+    checkpoints: list[tuple[int, str]] = field(default_factory=list)  # (step, path)
+    workers_seen: int = -1  # Runtime._workers_changed at the last checkpoint
+    recoveries: int = 0
 
 
 @dataclass
@@ -100,13 +117,30 @@ class Pending:
     done: bool = False
     data: Any = None
     error: Optional[E.ActorgradError] = None
+    epoch: int = 0  # the recovery epoch it was sent in; replies of earlier epochs are ignored
+
+
+def _optimizer_name(opt: Any) -> Optional[str]:
+    if opt is None:
+        return None
+    cls = getattr(opt, "cls", None)
+    return cls.__name__ if cls is not None else getattr(opt, "__name__", type(opt).__name__)
 
 
 class Runtime:
     """The caller's side of actorgrad."""
 
-    def __init__(self, transport: Any, timeout: float = DEFAULT_TIMEOUT, trace: Optional[str] = None) -> None:
+    def __init__(self, transport: Any, timeout: float = DEFAULT_TIMEOUT, trace: Optional[str] = None,
+                 check_finite: bool = False, worker_timeout: Optional[float] = None) -> None:
         self.transport = transport
+        self.check_finite = bool(check_finite)
+        if worker_timeout is not None and (not isinstance(worker_timeout, (int, float)) or worker_timeout <= 0):
+            raise E.ConfigError(f"worker_timeout must be a positive number of seconds, got {worker_timeout!r}")
+        self.worker_timeout = float(worker_timeout) if worker_timeout is not None else max(600.0, 5 * float(timeout))
+        self.recovery: Optional[Recovery] = None
+        self._epoch = 0
+        self._recovering = False
+        self._workers_changed = 0
         self.trace_path = trace
         self.tracer = Tracer("caller", enabled=trace is not None)
         self.backend = transport.name
@@ -147,7 +181,7 @@ class Runtime:
         self.transport.post(worker, self._next_seq(worker), codec.encode(msg))
 
     def _request(self, worker: str, msg: m.Message, kind: str, step: Optional[StepRecord], obj: Any = None) -> Pending:
-        p = Pending(msg.req, kind, worker, step, obj)
+        p = Pending(msg.req, kind, worker, step, obj, epoch=self._epoch)
         data = codec.encode(msg)
         try:
             p.future = self.transport.request(worker, self._next_seq(worker), data)
@@ -176,7 +210,7 @@ class Runtime:
     # --- completions -----------------------------------------------------------
 
     def _complete(self, p: Pending) -> None:
-        if p.done:
+        if p.done or p.epoch != self._epoch:
             return
         self._pending.pop(p.req, None)
         p.done = True
@@ -216,9 +250,16 @@ class Runtime:
         elif p.kind == "close":
             step: StepRecord = p.obj
             d = p.data
-            step.reports[p.worker] = WorkerReport(
-                name=p.worker, calls=int(d["calls"]), passes=int(d["passes"]), applied=bool(d["applied"]),
-                grad_norm=d.get("grad_norm"), version=int(d["version"]))
+            if step.committed:
+                # The second reply of a close: what the update applied at Commit did (see below).
+                old = step.reports.get(p.worker)
+                if old is not None and d.get("step") == step.id:
+                    step.reports[p.worker] = old.merged(d)
+                step.close_pending.discard(p.worker)
+                return
+            step.reports[p.worker] = WorkerReport.from_dict(p.worker, d)
+            if d.get("final") is False:
+                step.landing.add(p.worker)
             step.close_pending.discard(p.worker)
             if not step.close_pending and step.error is None and not step.committed:
                 # Every worker is ready: now, and only now, they apply the step's updates.
@@ -226,6 +267,10 @@ class Runtime:
                 for w in sorted(step.participants()):
                     if w in self.workers:
                         self._post(w, m.Commit(step.id))
+                        if w in step.landing:
+                            # Its report needs the update applied (its norm): ask right behind the Commit.
+                            step.close_pending.add(w)
+                            self._request(w, m.GetState(next(self._ids), "update"), "close", step, step)
             # A worker closes a step only after finishing all of its passes; its pass
             # replies may still be on their way (Ray does not order replies).
             for pid in step.pass_workers.get(p.worker, []):
@@ -238,6 +283,8 @@ class Runtime:
         assert err is not None
         if err.worker is None:
             err.worker = p.worker
+        if err.step is None and p.step is not None and p.kind in ("forward", "plan", "close"):
+            err.step = p.step.id
         if p.kind == "plan" and p.obj.error is None:
             p.obj.error = err
         if p.step is not None and p.kind in ("forward", "plan", "close"):
@@ -278,6 +325,8 @@ class Runtime:
     def _deliver(self, step: StepRecord) -> E.ActorgradError:
         step.delivered = True
         assert step.error is not None
+        if isinstance(step.error, E.WorkerDied):
+            self._maybe_recover(step.error)
         return step.error
 
     def _deadline(self, timeout: Optional[float]) -> float:
@@ -341,7 +390,8 @@ class Runtime:
     # --- workers ---------------------------------------------------------------
 
     def spawn(self, module: torch.nn.Module, *, optimizer: Any, name: Optional[str], update: Any, max_staleness: int,
-              num_cpus: Optional[float], num_gpus: Optional[float], resources: Optional[dict], device: Any) -> Worker:
+              num_cpus: Optional[float], num_gpus: Optional[float], resources: Optional[dict], device: Any,
+              max_restarts: Optional[int] = None) -> Worker:
         """Place ``module`` in a worker of its own."""
         from .core.rules import CallableRule, make_rule
         from .module import has_custom_backward
@@ -391,14 +441,25 @@ class Runtime:
                     and not torch.cuda.is_available():
                 raise E.PlacementError(f"device={device!r} asked for, but this process has no CUDA device",
                                        worker=name)
+            if max_restarts is not None and (not isinstance(max_restarts, int) or isinstance(max_restarts, bool)
+                                             or max_restarts < -1):
+                raise E.ConfigError(f"max_restarts must be an integer >= 0 (or -1: no limit), got {max_restarts!r}",
+                                    worker=name)
+            if max_restarts and self.recovery is None:
+                log.info("worker %s may be restarted: switching recovery on with its defaults", name)
+                self.enable_recovery()
+            if max_restarts is None:
+                max_restarts = self.recovery.max_restarts if self.recovery is not None else 0
             options = {"num_cpus": num_cpus, "num_gpus": num_gpus, "resources": resources, "device": device,
-                       "update": update if isinstance(update, str) else "callable", "max_staleness": max_staleness}
+                       "update": update if isinstance(update, str) else "callable", "max_staleness": max_staleness,
+                       "optimizer": _optimizer_name(opt), "max_restarts": max_restarts}
             if resources is not None and not (isinstance(resources, dict) and all(
                     isinstance(k, str) and isinstance(v, (int, float)) and v >= 0 for k, v in resources.items())):
                 raise E.ConfigError(f"resources must map names to amounts >= 0, got {resources!r}", worker=name)
             threads = int(num_cpus) if num_cpus else None
             spec = WorkerSpec(name=name, module=module, optimizer=opt, update=update, max_staleness=max_staleness,
-                              device=device, num_threads=threads, trace=self.tracer.enabled)
+                              device=device, num_threads=threads, trace=self.tracer.enabled,
+                              check_finite=self.check_finite, deadline=self.worker_timeout)
             check = getattr(self.transport, "check_feasible", None)
             if check is not None:
                 check(name, {"CPU": num_cpus or 0, "GPU": num_gpus or 0, **(resources or {})})
@@ -413,6 +474,7 @@ class Runtime:
                 name=name, module_class=cls, trainable=any(p.requires_grad for p in params),
                 has_optimizer=opt is not None, custom_rule=isinstance(rule, CallableRule),
                 options=options, handle=handle, placed=not deferred, optimizer=opt)
+            self._workers_changed += 1
             log.info("spawned worker %s (%s) on %s", name, cls, self.backend)
             return handle
 
@@ -479,6 +541,8 @@ class Runtime:
         if self.step.error is not None and self.step.delivered:
             self.graph.drop_step(self.step.id)
             self.step = self._open_step(self.step.id + 1)
+        if self.recovery is not None and not self.step.participants():
+            self._auto_checkpoint()
         return self.step
 
     def track(self, node: Node) -> None:
@@ -547,7 +611,7 @@ class Runtime:
     def _check_input_node(self, node: Node, step: StepRecord, worker: str, where: str) -> None:
         if node._runtime is not self:
             raise E.ConfigError(f"{where} is a Node of another runtime (from before ag.shutdown()?)", worker=worker)
-        if node.call.step != step.id:
+        if node.call.step != step.id or self.graph.calls.get(node.call.id) is not node.call:
             raise E.StepClosedError(
                 f"{where} is output {node.out} of call {node.call.id} of worker '{node.call.worker}' from step "
                 f"{node.call.step}, which is closed; a call can only use nodes of the current step "
@@ -574,7 +638,7 @@ class Runtime:
                 raise E.ConfigError(f"gradients must be a list aligned with the {len(nodes)} node(s)")
             step = self.step
             for n in nodes:
-                if n.call.step != step.id:
+                if n.call.step != step.id or self.graph.calls.get(n.call.id) is not n.call:
                     old = self._steps.get(n.call.step)
                     if old is not None and old.error is not None and old is step:
                         raise self._deliver(old)
@@ -695,7 +759,10 @@ class Runtime:
             for earlier in list(self._closing):
                 if earlier is not step:
                     self.wait_step(earlier, timeout)
-            return self.wait_step(step, timeout)
+            report = self.wait_step(step, timeout)
+            if self.recovery is not None and not self.step.participants():
+                self._auto_checkpoint()
+            return report
 
     def wait_step(self, step: StepRecord, timeout: Optional[float]) -> StepReport:
         """Wait until every worker has applied a closed step's update."""
@@ -744,6 +811,8 @@ class Runtime:
                     raise self._deliver(step)
                 if p.error.call is None:
                     p.error.call = node.call.id
+                if isinstance(p.error, E.WorkerDied):
+                    self._maybe_recover(p.error)
                 raise p.error
             node._value = p.data
             return p.data
@@ -754,6 +823,8 @@ class Runtime:
             p = self._request(worker, msg, "state", None)
             self._pump(lambda: p.done, self._deadline(timeout), None, lambda: (text, [(worker, None)]), timeout)
             if p.error is not None:
+                if isinstance(p.error, E.WorkerDied):
+                    self._maybe_recover(p.error)
                 raise p.error
             return p.data
 
@@ -770,6 +841,99 @@ class Runtime:
             raise E.ConfigError(f"cannot send this state: {exc}", worker=worker) from None
         self._simple_request(worker, m.SetState(next(self._ids), what, state), timeout,
                              f"loading state into '{worker}'")
+
+    # --- recovery --------------------------------------------------------------
+
+    def enable_recovery(self, checkpoint_every: int = 10, checkpoint_dir: Optional[str] = None,
+                        max_restarts: int = 3, keep: int = 2) -> None:
+        """Checkpoint every ``checkpoint_every`` steps; restore and report lost steps when a worker dies."""
+        import tempfile
+
+        for label, val, low in (("checkpoint_every", checkpoint_every, 1), ("keep_checkpoints", keep, 1),
+                                ("max_restarts", max_restarts, -1)):
+            if not isinstance(val, int) or isinstance(val, bool) or val < low:
+                raise E.ConfigError(f"{label} must be an integer >= {low}, got {val!r}")
+        temporary = checkpoint_dir is None
+        directory = tempfile.mkdtemp(prefix="actorgrad-ckpt-") if temporary else os.path.abspath(checkpoint_dir)
+        os.makedirs(directory, exist_ok=True)
+        self.recovery = Recovery(checkpoint_every, directory, max_restarts, keep, temporary)
+        log.info("recovery on: a checkpoint every %d steps in %s", checkpoint_every, directory)
+
+    def _auto_checkpoint(self) -> None:
+        """Take the periodic checkpoint when it is due (the current step has no calls yet)."""
+        rec = self.recovery
+        if rec is None or self._recovering or not self.workers:
+            return
+        if any(not w.placed for w in self.workers.values()):
+            return
+        done = self.step.id - 1
+        last = rec.checkpoints[-1][0] if rec.checkpoints else None
+        changed = rec.workers_seen != self._workers_changed
+        if not changed and last is not None and (done == last or done % rec.every != 0):
+            return
+        from .checkpoint import save_checkpoint
+
+        path = os.path.join(rec.directory, f"step-{done:08d}")
+        save_checkpoint(self, path)
+        rec.checkpoints = [c for c in rec.checkpoints if c[0] != done] + [(done, path)]
+        rec.workers_seen = self._workers_changed
+        while len(rec.checkpoints) > rec.keep:
+            _, old = rec.checkpoints.pop(0)
+            shutil.rmtree(old, ignore_errors=True)
+
+    def _maybe_recover(self, err: E.WorkerDied) -> None:
+        """A worker died: with recovery on, restart it, restore every worker, annotate ``err``."""
+        if self.recovery is None or self._recovering or err.recovered or self.closed:
+            return
+        rec = self.recovery
+        if not rec.checkpoints:
+            log.error("a worker died before the first checkpoint; nothing to restore")
+            return
+        lost = [s.id for s in self._steps.values() if s.participants() and not s.committed]
+        committed = [s.id for s in self._steps.values() if s.committed]
+        self._recovering = True
+        try:
+            log.warning("recovering from: %s", err.message)
+            self._epoch += 1
+            self.transport.reset(self._epoch, self.timeout)
+            self._pending.clear()
+            while True:
+                try:
+                    self._events.get_nowait()
+                except queue.Empty:
+                    break
+            self._seq = {}
+            self.graph = Graph()
+            for old in self._steps.values():
+                if old.error is None:
+                    old.error = E.StepAborted("the runtime recovered from a dead worker", step=old.id)
+                old.delivered = True
+            self._closing.clear()
+            from .checkpoint import load_checkpoint
+
+            errors = []
+            for step_id, path in reversed(rec.checkpoints):
+                self._steps = {}
+                self.step = self._open_step(step_id + 1)
+                try:
+                    load_checkpoint(self, path)
+                except E.CheckpointError as bad:  # e.g. torn by the crash: try the one before
+                    errors.append(bad)
+                    continue
+                rec.recoveries += 1
+                last_lost = max(lost + committed + [step_id])
+                err.recovered = True
+                err.restored_step = step_id
+                err.replay = list(range(step_id + 1, last_lost + 1))
+                log.warning("recovered: every worker restored to step %d; steps %s must be replayed",
+                            step_id, err.replay)
+                return
+            log.error("no checkpoint could be restored: %s", errors)
+        except E.ActorgradError as failed:
+            log.error("recovery failed: %s", failed)
+            err.message += f" (recovery failed: {failed.message})"
+        finally:
+            self._recovering = False
 
     # --- lifecycle -------------------------------------------------------------
 
@@ -808,3 +972,5 @@ class Runtime:
                 self.transport.close()
             finally:
                 self.workers.clear()
+                if self.recovery is not None and self.recovery.temporary:
+                    shutil.rmtree(self.recovery.directory, ignore_errors=True)

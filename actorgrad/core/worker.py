@@ -25,8 +25,11 @@ outbox is a reply to the caller.
 
 from __future__ import annotations
 
+import gc
 import logging
+import os
 import re
+import time
 import traceback
 from collections import deque
 from dataclasses import dataclass, field
@@ -36,16 +39,21 @@ import torch
 
 from .. import errors as E
 from ..module import has_custom_backward
-from ..optim import OptimizerSpec, build_optimizer
+from ..optim import OptimizerSpec, build_optimizer, build_schedule, update_options
 from . import messages as m
 from .ledger import Arrival, Ledger
-from .rules import CallableRule, PendingGrads, Rule, Updater, add_grads, grad_norm, make_rule
+from .rules import CallableRule, PendingGrads, Rule, Updater, Weights, add_grads, grad_norm, make_rule
 from .vjp import Saved, default_vjp, make_leaves, map_leaves, run_forward
 from ..trace import MESSAGE_TID, Tracer, now_us
 
 log = logging.getLogger("actorgrad.worker")
 
 Out = tuple[Optional[str], m.Message]
+
+_DTYPE_WORDS = re.compile(
+    r"dtype|scalar type|expected .*(Float|Double|Half|Long|Int)|(Float|Double|Half|Long|Int|Bool) and "
+    r"(Float|Double|Half|Long|Int|Bool)|not implemented for '(Long|Int|Bool|Byte)'",
+)
 
 _SHAPE_WORDS = re.compile(
     r"shape|size mismatch|sizes? of tensor|must match the size|cannot be multiplied|dimension|"
@@ -66,6 +74,37 @@ class WorkerSpec:
     device: Optional[str] = None
     num_threads: Optional[int] = None
     trace: bool = False
+    check_finite: bool = False  # fail with NonFiniteError where NaN/Inf first appears
+    deadline: Optional[float] = None  # seconds a step may hold state here without progress
+
+
+class EndedSteps:
+    """Ids of steps that ended here, bounded: below ``floor`` every step counts as ended.
+
+    Steps end roughly in order, so a long run keeps only the most recent ones.
+    """
+
+    LIMIT = 1024
+
+    def __init__(self) -> None:
+        self.recent: set[int] = set()
+        self.floor = 0
+
+    def add(self, step: int) -> None:
+        """Record that ``step`` ended."""
+        if step < self.floor:
+            return
+        self.recent.add(step)
+        if len(self.recent) > self.LIMIT:
+            keep = sorted(self.recent)[self.LIMIT // 2:]
+            self.floor = keep[0]
+            self.recent = set(keep)
+
+    def __contains__(self, step: object) -> bool:
+        return isinstance(step, int) and (step < self.floor or step in self.recent)
+
+    def __len__(self) -> int:
+        return len(self.recent)
 
 
 @dataclass
@@ -84,6 +123,7 @@ class CallState:
     snapshot: Optional[int] = None  # key of the stale weights this call used (max_staleness > 0)
     arrived_us: float = 0.0
     done_us: float = 0.0
+    since: float = field(default_factory=time.monotonic)
 
     @property
     def id(self) -> int:
@@ -122,6 +162,7 @@ class PassState:
     failed: bool = False
     created_us: float = 0.0
     owned: set[str] = field(default_factory=set)  # param_grads entries this pass allocated itself
+    since: float = field(default_factory=time.monotonic)
 
 
 @dataclass
@@ -135,6 +176,7 @@ class StepState:
     ready: bool = False  # answered its Close: every call and pass of the step is done here
     commit: bool = False  # the caller said every worker is ready: apply
     grad_norm: Optional[float] = None  # of the last gradient applied in the step
+    close_since: float = 0.0  # when its Close arrived
 
 
 class WorkerCore:
@@ -149,7 +191,9 @@ class WorkerCore:
         self.max_staleness = int(spec.max_staleness)
         self.stashes = self.rule.stashes or self.max_staleness > 0
         self.custom_backward = has_custom_backward(self.module)
-        self.updater = Updater(self.name, self.module, self.optimizer)
+        options = update_options(spec.optimizer)
+        self.updater = Updater(self.name, self.module, self.optimizer, options,
+                               build_schedule(options, self.optimizer, self.name), self._oldest_weights)
         self.pending = PendingGrads()
 
         self.calls: dict[int, CallState] = {}
@@ -158,8 +202,8 @@ class WorkerCore:
         self.steps: dict[int, StepState] = {}
         self.early_values: dict[int, dict[int, tuple[int, int, torch.Tensor]]] = {}
         self.early_grads: dict[int, list[m.Gradient]] = {}
-        self.aborted: set[int] = set()
-        self.closed: set[int] = set()
+        self.aborted = EndedSteps()
+        self.closed = EndedSteps()
         self.retained: dict[tuple[int, int], tuple[int, torch.Tensor]] = {}
         self.stash: dict[int, dict[str, torch.Tensor]] = {}
         self.stash_refs: dict[int, int] = {}
@@ -169,6 +213,8 @@ class WorkerCore:
         self.snapshot_refs: dict[int, int] = {}
         if self.max_staleness > 0:
             self.snapshots[0] = self._clone_params()
+        self.check_finite = bool(spec.check_finite)
+        self.deadline = spec.deadline
         self.tracer = Tracer(self.name, spec.trace)
         self.commit_error: Optional[E.ActorgradError] = None
         self._out: list[Out] = []
@@ -306,7 +352,30 @@ class WorkerCore:
         return self.stash[v]
 
     def _clone_params(self) -> dict[str, torch.Tensor]:
-        return {n: p.detach().clone().requires_grad_(p.requires_grad) for n, p in self.module.named_parameters()}
+        return Weights({n: p.detach().clone().requires_grad_(p.requires_grad)
+                        for n, p in self.module.named_parameters()}, self.updater.version)
+
+    def _oldest_weights(self, step: int, passes: Optional[list[int]]) -> Optional[int]:
+        """The oldest weight version the forwards behind these passes' gradients used (for staleness)."""
+        st = self.steps.get(step)
+        pids = passes if passes is not None else (st.passes if st is not None else [])
+        oldest: Optional[int] = None
+        for pid in pids:
+            ps = self.passes.get(pid)
+            for call in (ps.done_calls if ps is not None else ()):
+                c = self.calls.get(call)
+                if c is None:
+                    continue
+                if c.version is not None:
+                    v = c.version
+                elif c.snapshot is not None and c.snapshot in self.snapshots:
+                    v = getattr(self.snapshots[c.snapshot], "version", self.updater.version)
+                else:
+                    # Live weights: only update="step" with max_staleness=0 runs forwards on them, and
+                    # its forwards wait for the previous update, so none lands in between.
+                    v = self.updater.version
+                oldest = v if oldest is None else min(oldest, v)
+        return oldest
 
     def _snapshot_for(self, step: int) -> int:
         """The snapshot a forward of ``step`` uses: the latest one taken at or before step - 1 - k."""
@@ -365,10 +434,33 @@ class WorkerCore:
             outputs, single, saved = run_forward(self.module, args, kwargs, leaves, params, msg.save)
         except Exception as exc:  # the user's module raised
             self._release_call_weights(c)
-            cls = E.ForwardShapeError if _looks_like_shape_error(exc) else E.WorkerError
-            err = self._error(cls, f"forward raised {type(exc).__name__}: {exc}", msg.call, msg.step, exc)
-            self._fail_call(c, err)
+            text = f"forward raised {type(exc).__name__}: {exc}"
+            if _looks_like_dtype_error(exc):
+                cls: type[E.ActorgradError] = E.ForwardDTypeError
+                text += _dtype_hint(self.module, values, msg.args)
+            elif _looks_like_shape_error(exc):
+                cls = E.ForwardShapeError
+            else:
+                cls = E.WorkerError
+            self._fail_call(c, self._error(cls, text, msg.call, msg.step, exc))
             return
+        if self.check_finite:
+            bad = _first_nonfinite(outputs)
+            if bad is not None:
+                self._release_call_weights(c)
+                src = _first_nonfinite(values)
+                consts: list = []
+                map_leaves((msg.args, msg.kwargs), lambda x: consts.append(x) if isinstance(x, torch.Tensor) else x)
+                if src is not None:
+                    where = (f"its input {src} (from worker '{msg.refs[src].worker}' call {msg.refs[src].call}) "
+                             "is already not finite")
+                elif _first_nonfinite(consts) is not None:
+                    where = "a tensor the caller passed in as a constant is already not finite"
+                else:
+                    where = "its inputs are finite: it appeared here"
+                self._fail_call(c, self._error(E.NonFiniteError, f"forward output {bad} contains NaN or Inf; "
+                                               f"{where}", msg.call, msg.step))
+                return
         if self.tracer.enabled:
             c.done_us = now_us()
             if t0 - c.arrived_us > 50:
@@ -501,6 +593,17 @@ class WorkerCore:
             self._fail_pass(ps, self._error(E.WorkerError, f"backward raised {type(exc).__name__}: {exc}",
                                             call, ps.step, exc))
             return
+        if self.check_finite:
+            bad_in = _first_nonfinite(input_grads)
+            bad_p = next((n for n, g in param_grads.items() if not bool(torch.isfinite(g).all())), None)
+            if bad_in is not None or bad_p is not None:
+                came = _first_nonfinite([g for g in grad_outputs])
+                what = f"the gradient for input {bad_in}" if bad_in is not None else f"the gradient of {bad_p!r}"
+                where = (f"the gradient that arrived for output {came} is already not finite" if came is not None
+                         else "the gradients that arrived are finite: it appeared here")
+                self._fail_pass(ps, self._error(E.NonFiniteError, f"backward: {what} contains NaN or Inf; {where}",
+                                                call, ps.step))
+                return
         if param_grads and self.optimizer is None and not isinstance(self.rule, CallableRule):
             self._fail_pass(ps, self._error(
                 E.ConfigError, "parameters received gradients but the worker has no optimizer; pass "
@@ -533,6 +636,11 @@ class WorkerCore:
                     g = torch.ones_like(o)
                 if g is None:
                     continue
+                if not (g.is_floating_point() or g.is_complex()):
+                    src = "the seed gradient" if a.seed else f"worker '{a.from_worker}' call {a.edge[0]} slot {a.edge[1]}"
+                    raise self._error(E.DTypeError, f"gradient for output {out} from {src} has dtype "
+                                      f"{str(g.dtype).removeprefix('torch.')}; gradients must be floating point",
+                                      c.id, ps.step)
                 if tuple(g.shape) != tuple(o.shape):
                     src = "the seed gradient" if a.seed else f"worker '{a.from_worker}' call {a.edge[0]} slot {a.edge[1]}"
                     raise self._error(E.ShapeError, f"gradient for output {out} from {src} has shape "
@@ -621,7 +729,9 @@ class WorkerCore:
         if msg.step in self.aborted:
             self._fail(msg.req, self._error(E.StepAborted, "close of an aborted step", step=msg.step))
             return
-        self._step(msg.step).close = msg
+        st = self._step(msg.step)
+        st.close = msg
+        st.close_since = time.monotonic()
 
     def _try_close(self, step: int, st: StepState) -> bool:
         """Phase 1 (answer Close once ready) and phase 2 (apply on Commit); True once closed."""
@@ -670,13 +780,17 @@ class WorkerCore:
             return
         pending = self.pending.by_step.get(step) or {}
         st.ready = True
+        # An update that lands at Commit is reported as it will be; only its norm needs it applied:
+        # with track_update_norm the caller then asks for GetState("update") (not final).
+        final = not (self.updater.options.track_update_norm and (pending or isinstance(self.rule, CallableRule)))
         self._ack(msg.req, {
             "worker": self.name,
             "calls": len(st.calls),
             "passes": len(st.passes),
             "applied": bool(st.applied or pending),
-            "grad_norm": grad_norm(pending) if pending else st.grad_norm,
             "version": self.updater.version + (1 if pending else 0),
+            **self.updater.report(step, pending, self.pending.passes.get(step), take=final),
+            "final": final,
         })
 
     def _commit(self, step: int, st: StepState) -> bool:
@@ -748,6 +862,60 @@ class WorkerCore:
         for pid in [p for p, gs in self.early_grads.items() if gs and gs[0].step == msg.step]:
             del self.early_grads[pid]
 
+    def reset(self) -> None:
+        """Forget every step, call and pass (recovery): the caller restores state next.
+
+        Messages of the old epoch never reach a reset core (the host drops them), so step ids may
+        be used again.
+        """
+        self.calls.clear()
+        self.queue.clear()
+        self.passes.clear()
+        self.steps.clear()
+        self.early_values.clear()
+        self.early_grads.clear()
+        self.aborted = EndedSteps()
+        self.closed = EndedSteps()
+        self.retained.clear()
+        self.stash.clear()
+        self.stash_refs.clear()
+        self.pending = PendingGrads()
+        self.commit_error = None
+        if self.max_staleness > 0:
+            self.snapshots = {0: self._clone_params()}
+            self.snapshot_refs = {}
+        for p in self.module.parameters():
+            p.grad = None
+
+    def expire(self, now: Optional[float] = None) -> list[Out]:
+        """Fail and drop every step that has waited here longer than the worker's deadline."""
+        self._out = []
+        if self.deadline is None:
+            return []
+        now = time.monotonic() if now is None else now
+        limit = now - self.deadline
+        for step in sorted(self.steps):
+            st = self.steps[step]
+            stale = [c for c in (self.calls.get(i) for i in st.calls)
+                     if c is not None and c.status == "waiting" and c.since < limit]
+            stale_p = [ps for ps in (self.passes.get(i) for i in st.passes)
+                       if ps is not None and not (ps.complete or ps.failed) and ps.since < limit]
+            stuck_close = st.close is not None and not st.ready and st.close_since < limit
+            if not (stale or stale_p or stuck_close):
+                continue
+            missing = [line for line in self.describe_missing() if f"(step {step})" in line
+                       or any(f"(pass {ps.id})" in line for ps in stale_p)]
+            text = (f"this worker waited more than {self.deadline:g}s for step {step}; still missing: "
+                    + ("; ".join(missing) or "the caller's Close/Commit"))
+            err = self._error(E.DeadlineExceeded, text, step=step)
+            log.warning("%s: %s", self.name, text)
+            self._on_abort(m.Abort(step, text))
+            # _on_abort answered the waiting requests with StepAborted; say why instead.
+            self._out = [(to, msg if to is not None or not isinstance(msg, m.Failure)
+                          else m.Failure(msg.req, E.to_info(err))) for to, msg in self._out]
+        out, self._out = self._out, []
+        return out
+
     def _advance(self, closes: bool = True) -> None:
         """Run whatever became possible: ready forwards, their VJPs, closable steps (in order)."""
         progress = True
@@ -811,12 +979,23 @@ class WorkerCore:
             "version": self.updater.version,
         }
 
+    def memory(self) -> dict[str, int]:
+        """This process's resident memory and live tensor count (process-wide: on backend="local"
+        every worker shares one process)."""
+        return {"rss_bytes": _rss_bytes(), "live_tensors": _live_tensors(), **self.stats()}
+
     def _on_get_state(self, msg: m.GetState) -> None:
         if msg.what == "stats":
             self._ack(msg.req, self.stats())
             return
+        if msg.what == "memory":
+            self._ack(msg.req, self.memory())
+            return
         if msg.what == "trace":
             self._ack(msg.req, self.tracer.take())
+            return
+        if msg.what == "update":
+            self._ack(msg.req, self.updater.take_closed())
             return
         sd = {k: v.detach().cpu() for k, v in self.module.state_dict().items()}
         if msg.what == "module":
@@ -827,6 +1006,16 @@ class WorkerCore:
             "optimizer": self.optimizer.state_dict() if self.optimizer is not None else None,
             "version": self.updater.version,
         }
+        if self.updater.scheduler is not None:
+            try:
+                data["scheduler"] = self.updater.scheduler_state()
+            except E.ActorgradError as err:
+                self._fail(msg.req, err)
+                return
+        if self.max_staleness > 0:
+            # Stale forwards after a restore must use the same old weights as an uninterrupted run.
+            data["snapshots"] = [[k, {n: t.detach().cpu() for n, t in v.items()}]
+                                 for k, v in sorted(self.snapshots.items())]
         self._ack(msg.req, data)
 
     def _on_set_state(self, msg: m.SetState) -> None:
@@ -842,6 +1031,8 @@ class WorkerCore:
                 self.module.load_state_dict(state["module"])
                 if self.optimizer is not None and state.get("optimizer") is not None:
                     self.optimizer.load_state_dict(_fix_optimizer_state(state["optimizer"]))
+                if self.updater.scheduler is not None and state.get("scheduler") is not None:
+                    self.updater.scheduler.load_state_dict(state["scheduler"])
                 self.updater.version = int(state.get("version", self.updater.version))
         except Exception as exc:
             cls = E.ShapeError if "size mismatch" in str(exc) else E.ConfigError
@@ -850,7 +1041,12 @@ class WorkerCore:
         # New weights: forwards from here on must not reuse a stash or snapshot of the old ones.
         self.updater.version += 1
         if self.max_staleness > 0:
-            self.snapshots = {max(self.snapshots, default=0): self._clone_params()}
+            saved = state.get("snapshots") if msg.what == "full" and isinstance(state, dict) else None
+            if saved:
+                self.snapshots = {int(k): {n: t.to(self.device).requires_grad_(self.module.get_parameter(n).requires_grad)
+                                           for n, t in v.items()} for k, v in saved}
+            else:
+                self.snapshots = {max(self.snapshots, default=0): self._clone_params()}
             self.snapshot_refs = {}
         self._ack(msg.req, None)
 
@@ -878,10 +1074,49 @@ class WorkerCore:
         return lines
 
 
+def _rss_bytes() -> int:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):  # not Linux
+        import resource
+
+        return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+def _live_tensors() -> int:
+    return sum(1 for o in gc.get_objects() if isinstance(o, torch.Tensor))
+
+
 def _fmt_edges(missing: list[tuple[int, int, tuple[int, int]]]) -> str:
     if not missing:
         return "nothing more"
     return ", ".join(f"output {o} from call {e[0]} slot {e[1]}" for _, o, e in missing)
+
+
+def _looks_like_dtype_error(exc: BaseException) -> bool:
+    return isinstance(exc, (RuntimeError, TypeError)) and bool(_DTYPE_WORDS.search(str(exc)))
+
+
+def _dtype_hint(module: torch.nn.Module, values: list, args: Any) -> str:
+    """Say which input's dtype differs from the module's parameters."""
+    param = next((p for p in module.parameters() if p.is_floating_point()), None)
+    if param is None:
+        return ""
+    tensors = list(values) + [a for a in (args if isinstance(args, (list, tuple)) else []) if isinstance(a, torch.Tensor)]
+    for i, t in enumerate(tensors):
+        if isinstance(t, torch.Tensor) and t.dtype != param.dtype:
+            return (f" (input {i} has dtype {str(t.dtype).removeprefix('torch.')}, the module's parameters are "
+                    f"{str(param.dtype).removeprefix('torch.')}; convert it, e.g. with .to({param.dtype}))")
+    return ""
+
+
+def _first_nonfinite(tensors: Any) -> Optional[int]:
+    """Index of the first floating tensor holding NaN or Inf, or None."""
+    for i, t in enumerate(tensors):
+        if isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            return i
+    return None
 
 
 def _looks_like_shape_error(exc: BaseException) -> bool:

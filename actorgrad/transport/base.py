@@ -26,6 +26,19 @@ log = logging.getLogger("actorgrad.transport")
 CALLER = "caller"
 INLINE_SECONDS = 0.0005  # handling cheaper than this (moving average) runs on the event loop
 
+
+
+def sender_key(name: str, epoch: int) -> str:
+    """The sender field of frames from ``name`` in ``epoch`` (recovery starts a new epoch)."""
+    return name if epoch == 0 else f"{name}#{epoch}"
+
+
+def epoch_of(key: str) -> int:
+    """The epoch a frame's sender field belongs to."""
+    _, sep, tail = key.rpartition("#")
+    return int(tail) if sep and tail.isdigit() else 0
+
+
 SendFn = Callable[[str, str, int, bytes], None]  # (to, sender, seq, data)
 ReplyFn = Callable[[bytes], None]
 
@@ -57,10 +70,16 @@ class Transport(Protocol):
 class Host:
     """Runs one WorkerCore: ordered inbox, compute thread, outbox delivery."""
 
-    def __init__(self, core: WorkerCore, send: SendFn, loop: asyncio.AbstractEventLoop, inline: bool = False) -> None:
+    def __init__(self, core: WorkerCore, send: SendFn, loop: asyncio.AbstractEventLoop, inline: bool = False,
+                 epoch: int = 0) -> None:
         self.core = core
         self.inline = inline  # only where the loop is this worker's own (one process per worker)
         self.name = core.name
+        # [Note: epochs] Recovery resets every host into a new epoch. Frames keep their sender's
+        # epoch in the sender field; a host drops frames of any other epoch, so nothing sent
+        # before the reset (still in a socket, or on a restarted peer) reaches the reset core.
+        self.epoch = epoch
+        self.sender = sender_key(core.name, epoch)
         self._send = send
         self._loop = loop
         self._inbox: asyncio.Queue = asyncio.Queue()
@@ -71,9 +90,14 @@ class Host:
         self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"ag-{core.name}")
         self._cost = 0.0  # moving average of seconds per handled message
         self.task = loop.create_task(self._run())
+        self._sweeper = loop.create_task(self._sweep()) if core.deadline else None
 
     def accept(self, sender: str, seq: int, data: bytes, reply: Optional[ReplyFn] = None) -> None:
         """Take one frame (on the loop thread); release it once its predecessors have arrived."""
+        if epoch_of(sender) != self.epoch:
+            log.debug("%s: frame of epoch %d from %s dropped (now in epoch %d)", self.name, epoch_of(sender),
+                      sender, self.epoch)
+            return
         expected = self._next_in.get(sender, 0)
         if seq < expected:
             log.warning("%s: duplicate frame %d from %s dropped", self.name, seq, sender)
@@ -84,6 +108,33 @@ class Host:
             self._inbox.put_nowait(held.pop(expected))
             expected += 1
         self._next_in[sender] = expected
+
+    async def _sweep(self) -> None:
+        """Worker-side deadlines: fail steps that wait here longer than the core's deadline."""
+        assert self.core.deadline
+        period = min(5.0, max(0.05, self.core.deadline / 10))
+        while True:
+            await asyncio.sleep(period)
+            # On the compute thread: the core is never touched by two threads at once.
+            out = await self._loop.run_in_executor(self._executor, self.core.expire)
+            for to, msg in out:
+                if to is None:
+                    self._reply(msg)
+                else:
+                    self.send(to, msg)
+
+    async def quiesce(self) -> None:
+        """Stop taking messages and wait until the compute thread is idle (before a reset)."""
+        self.task.cancel()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        try:
+            await self.task
+        except BaseException:  # cancelled: that is the point
+            pass
+        # The single compute thread runs jobs in order: once this one runs, the core is idle.
+        await self._loop.run_in_executor(self._executor, lambda: None)
+        self._executor.shutdown(wait=False)
 
     async def drain(self) -> None:
         """Wait until every message accepted so far has been handled."""
@@ -180,9 +231,9 @@ class Host:
             self.core.tracer.instant("send", to=to, type=type(msg).__name__)
         data = codec.encode(msg)
         if to == self.name:
-            self.accept(self.name, seq, data)
+            self.accept(self.sender, seq, data)
         else:
-            self._send(to, self.name, seq, data)
+            self._send(to, self.sender, seq, data)
 
     def describe_missing(self) -> list[str]:
         """What the core still waits for; read from the loop thread, tolerant of races."""
@@ -194,4 +245,6 @@ class Host:
     def stop(self) -> None:
         """Stop the loop task and the compute thread."""
         self.task.cancel()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
         self._executor.shutdown(wait=False, cancel_futures=True)

@@ -15,7 +15,7 @@ from typing import Any
 
 from .. import errors as E
 from ..core.worker import WorkerCore, WorkerSpec
-from .base import CALLER, Host
+from .base import CALLER, Host, epoch_of, sender_key
 
 log = logging.getLogger("actorgrad.transport.local")
 
@@ -30,6 +30,7 @@ class LocalTransport:
         self._thread = threading.Thread(target=self._loop.run_forever, name="actorgrad-local", daemon=True)
         self._thread.start()
         self._hosts: dict[str, Host] = {}
+        self.caller = CALLER  # the sender field of our frames; changes with each recovery epoch
 
     def _call(self, fn, *args, timeout: float = 30.0):
         async def run():
@@ -44,7 +45,7 @@ class LocalTransport:
         core = WorkerCore(spec)
 
         def make() -> None:
-            self._hosts[spec.name] = Host(core, self._deliver, self._loop)
+            self._hosts[spec.name] = Host(core, self._deliver, self._loop, epoch=epoch_of(self.caller))
 
         self._call(make)
         return None
@@ -65,7 +66,7 @@ class LocalTransport:
     def post(self, worker: str, seq: int, data: bytes) -> None:
         """Send a one-way message from the caller."""
         host = self._host(worker)
-        self._loop.call_soon_threadsafe(host.accept, CALLER, seq, data)
+        self._loop.call_soon_threadsafe(host.accept, self.caller, seq, data)
 
     def request(self, worker: str, seq: int, data: bytes) -> cf.Future:
         """Send a request from the caller; the future yields the encoded reply."""
@@ -76,7 +77,7 @@ class LocalTransport:
             if not fut.done():
                 fut.set_result(payload)
 
-        self._loop.call_soon_threadsafe(host.accept, CALLER, seq, data, reply)
+        self._loop.call_soon_threadsafe(host.accept, self.caller, seq, data, reply)
         return fut
 
     def probe(self, worker: str, timeout: float) -> list[str]:
@@ -88,6 +89,18 @@ class LocalTransport:
             return self._call(host.describe_missing, timeout=timeout)
         except Exception as exc:
             return [f"(no answer: {exc!r})"]
+
+    def reset(self, epoch: int, timeout: float) -> None:
+        """Recovery: reset every worker into ``epoch`` (frames of earlier epochs are dropped)."""
+
+        async def reset_all() -> None:
+            for name, host in list(self._hosts.items()):
+                await host.quiesce()
+                host.core.reset()
+                self._hosts[name] = Host(host.core, self._deliver, self._loop, epoch=epoch)
+
+        asyncio.run_coroutine_threadsafe(reset_all(), self._loop).result(timeout)
+        self.caller = sender_key(CALLER, epoch)
 
     def kill(self, worker: str) -> None:
         """Stop one worker."""

@@ -27,7 +27,9 @@ import ray.exceptions
 
 from .. import errors as E
 from ..core.worker import WorkerCore, WorkerSpec
-from .base import CALLER, Host
+from ..core import codec
+from ..core import messages as m
+from .base import CALLER, Host, epoch_of, sender_key
 from .channels import MSG, Channel, ChannelServer, pack_frame
 
 log = logging.getLogger("actorgrad.transport.ray")
@@ -39,7 +41,7 @@ _MAX_CONCURRENCY = 100_000
 class RayHost:
     """The actor: a thin shell around Host and WorkerCore."""
 
-    def __init__(self, spec: WorkerSpec, namespace: str) -> None:
+    def __init__(self, spec: WorkerSpec, namespace: str, epoch: int = 0) -> None:
         import torch
 
         torch.set_num_threads(max(1, int(spec.num_threads or 1)))
@@ -52,17 +54,33 @@ class RayHost:
         self._channels: dict[str, Channel] = {}
         self._server: Optional[ChannelServer] = None
         self._node = ray.get_runtime_context().get_node_id()
+        self._epoch = epoch
 
     def _ensure_host(self) -> Host:
         if self._host is None:
-            self._host = Host(self._core, self._send, asyncio.get_running_loop(), inline=True)
+            self._host = Host(self._core, self._send, asyncio.get_running_loop(), inline=True, epoch=self._epoch)
         return self._host
+
+    def _accept(self, sender: str, seq: int, data: bytes, reply: Any = None) -> None:
+        self._ensure_host().accept(sender, seq, data, reply)
+
+    async def reset(self, epoch: int) -> str:
+        """Recovery: forget every step and peer connection, and take frames of ``epoch`` only."""
+        if self._host is not None:
+            await self._host.quiesce()
+            self._host = None
+        self._core.reset()
+        self._epoch = epoch
+        channels, self._channels = list(self._channels.values()), {}
+        await asyncio.gather(*(ch.closed() for ch in channels), return_exceptions=True)
+        self._ensure_host()
+        return self._core.name
 
     async def address(self) -> dict:
         """Start serving direct channels (once); return where peers connect."""
         host = self._ensure_host()
         if self._server is None:
-            self._server = ChannelServer(host.accept, self._core.name, ray.util.get_node_ip_address())
+            self._server = ChannelServer(self._accept, self._core.name, ray.util.get_node_ip_address())
             self._server_started = asyncio.ensure_future(self._server.start(self._node))
         # Peers and the caller may ask at the same time: all wait for the one start.
         return await asyncio.shield(self._server_started)
@@ -109,7 +127,12 @@ class RayHost:
             if not fut.done():
                 fut.set_result(payload)
 
-        self._ensure_host().accept(sender, seq, data, reply)
+        host = self._ensure_host()
+        if epoch_of(sender) != host.epoch:
+            # A request from before a reset would never be answered: say so at once.
+            err = E.StepAborted("a request from before the runtime's recovery", worker=self._core.name)
+            return codec.encode(m.Failure(-1, E.to_info(err)))
+        host.accept(sender, seq, data, reply)
         return await fut
 
     async def probe(self) -> list[str]:
@@ -191,9 +214,10 @@ class RayTransport:
         self._chans: dict[str, Channel] = {}
         self._io: Optional[asyncio.AbstractEventLoop] = None
         # Frames from the caller thread, flushed by the IO thread: one wake-up per burst, not per frame.
-        self._outq: list[tuple[str, int, Optional[int], bytes]] = []
+        self._outq: list[tuple[str, int, Optional[int], bytes, str]] = []
         self._outq_lock = threading.Lock()
         self._flush_scheduled = False
+        self.caller = CALLER  # the sender field of our frames; changes with each recovery epoch
         if self.channels:
             self._io = asyncio.new_event_loop()
             self._io_thread = threading.Thread(target=self._io.run_forever, name="actorgrad-io", daemon=True)
@@ -242,7 +266,10 @@ class RayTransport:
             "namespace": self.namespace,
             "num_cpus": options.get("num_cpus") or 0,
             "max_concurrency": _MAX_CONCURRENCY,
-            "max_restarts": 0,
+            # With recovery on, Ray restarts a dead worker (same name, same constructor arguments);
+            # its calls in flight fail instead of being retried: the runtime replays whole steps.
+            "max_restarts": int(options.get("max_restarts") or 0),
+            "max_task_retries": 0,
         }
         if options.get("num_gpus"):
             opts["num_gpus"] = options["num_gpus"]
@@ -254,21 +281,75 @@ class RayTransport:
             opts["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
                 placement_group=options["placement_group"], placement_group_bundle_index=options["bundle_index"])
             opts["num_cpus"] = options.get("bundle_cpus", opts["num_cpus"])
-        actor = ray.remote(RayHost).options(**opts).remote(spec, self.namespace)
+        actor = ray.remote(RayHost).options(**opts).remote(spec, self.namespace, epoch_of(self.caller))
         self._actors[spec.name] = actor
         if self._io is not None:
             self._waiting[spec.name] = {}
-            addr = actor.address.remote()
-            name = spec.name
-
-            def open_channel() -> None:
-                self._chans[name] = Channel(
-                    self._io, name, lambda: asyncio.wrap_future(addr.future()), self._node,
-                    on_reply=lambda token, data: self._on_reply(name, token, data),
-                    on_lost=lambda why: self._on_lost(name, why))
-
-            self._io.call_soon_threadsafe(open_channel)
+            self._open_channel(spec.name, actor)
         return actor
+
+    def _open_channel(self, name: str, actor: Any) -> None:
+        assert self._io is not None
+        addr = actor.address.remote()
+
+        def open_channel() -> None:
+            self._chans[name] = Channel(
+                self._io, name, lambda: asyncio.wrap_future(addr.future()), self._node,
+                on_reply=lambda token, data: self._on_reply(name, token, data),
+                on_lost=lambda why: self._on_lost(name, why))
+
+        self._io.call_soon_threadsafe(open_channel)
+
+    def reset(self, epoch: int, timeout: float) -> None:
+        """Recovery: wait until every worker is alive again (Ray restarts dead ones), reset them
+        all into ``epoch``, and reconnect; requests still waiting fail with WorkerDied."""
+        import time as _time
+
+        deadline = _time.monotonic() + timeout
+        names = sorted(self._actors)
+        for name in names:
+            while True:
+                try:
+                    ray.get(self._actors[name].ping.remote(), timeout=max(0.1, deadline - _time.monotonic()))
+                    break
+                except ray.exceptions.ActorUnavailableError:
+                    pass  # restarting: Ray refuses calls until the new process is up
+                except ray.exceptions.GetTimeoutError:
+                    raise E.WorkerDied(f"the worker did not come back within {timeout:g}s of its death",
+                                       worker=name) from None
+                except ray.exceptions.RayActorError as exc:
+                    raise E.WorkerDied(f"the worker cannot be restarted (its restarts are used up, or its "
+                                       f"node is gone): {exc}", worker=name) from None
+                if _time.monotonic() > deadline:
+                    raise E.WorkerDied(f"the worker did not come back within {timeout:g}s of its death",
+                                       worker=name)
+                _time.sleep(0.2)
+        refs = {n: self._actors[n].reset.remote(epoch) for n in names}
+        for name, ref in refs.items():
+            try:
+                ray.get(ref, timeout=max(0.1, deadline - _time.monotonic()))
+            except Exception as exc:
+                raise E.WorkerDied(f"the worker could not be reset for recovery: {type(exc).__name__}: {exc}",
+                                   worker=name) from None
+        self.caller = sender_key(CALLER, epoch)
+        for name in names:
+            self._on_lost(name, "the runtime is recovering")
+        if self._io is not None:
+            with self._outq_lock:
+                self._outq = []  # frames of the old epoch
+            chans = list(self._chans.values())
+            self._chans.clear()
+
+            async def close_all() -> None:
+                await asyncio.gather(*(ch.closed() for ch in chans), return_exceptions=True)
+
+            try:
+                asyncio.run_coroutine_threadsafe(close_all(), self._io).result(5)
+            except Exception:
+                log.warning("some channels did not close in time")
+            for name in names:
+                self._open_channel(name, self._actors[name])
+        log.warning("recovery: %d workers reset into epoch %d", len(names), epoch)
 
     def _on_reply(self, worker: str, token: int, data: bytes) -> None:
         fut = self._waiting.get(worker, {}).pop(token, None)
@@ -285,7 +366,7 @@ class RayTransport:
 
     def _enqueue(self, worker: str, seq: int, token: Optional[int], data: bytes) -> None:
         with self._outq_lock:
-            self._outq.append((worker, seq, token, data))
+            self._outq.append((worker, seq, token, data, self.caller))
             if self._flush_scheduled:
                 return
             self._flush_scheduled = True
@@ -296,16 +377,16 @@ class RayTransport:
         with self._outq_lock:
             frames, self._outq = self._outq, []
             self._flush_scheduled = False
-        for worker, seq, token, data in frames:
-            self._channel_send(worker, seq, token, data)
+        for worker, seq, token, data, key in frames:
+            self._channel_send(worker, seq, token, data, key)
 
-    def _channel_send(self, worker: str, seq: int, token: Optional[int], data: bytes) -> None:
+    def _channel_send(self, worker: str, seq: int, token: Optional[int], data: bytes, key: str) -> None:
         ch = self._chans.get(worker)
         if ch is None or ch.failed is not None:
             if token is not None:
                 self._on_lost(worker, ch.failed if ch is not None else "no channel")
             return
-        ch.send(pack_frame(MSG, CALLER, seq, token, data))
+        ch.send(pack_frame(MSG, key, seq, token, data))
 
     def _actor(self, worker: str) -> Any:
         actor = self._actors.get(worker)
@@ -319,7 +400,7 @@ class RayTransport:
         if self._io is not None:
             self._enqueue(worker, seq, None, data)
             return
-        actor.deliver.remote(CALLER, seq, data)
+        actor.deliver.remote(self.caller, seq, data)
 
     def request(self, worker: str, seq: int, data: bytes) -> cf.Future:
         """Send a request; the future yields the encoded reply or raises WorkerDied."""
@@ -330,7 +411,7 @@ class RayTransport:
             self._waiting[worker][token] = fut
             self._enqueue(worker, seq, token, data)
             return fut
-        ref = actor.request.remote(CALLER, seq, data)
+        ref = actor.request.remote(self.caller, seq, data)
         out: cf.Future = cf.Future()
 
         def done(f: cf.Future) -> None:
