@@ -8,9 +8,8 @@ for synthetic gradients, the update rule it is spawned with. The recipes are in
 
 from __future__ import annotations
 
-import logging
 import math
-from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Optional, Sequence
 
 import torch
 from torch.func import functional_call
@@ -18,11 +17,10 @@ from torch.func import functional_call
 from .core.vjp import default_vjp
 from .errors import ConfigError
 from .module import Module
+from .optim import Optim
 
 if TYPE_CHECKING:
     from .handles import Node, Pass, Worker
-
-log = logging.getLogger("actorgrad.nn")
 
 __all__ = ["FeedbackAlignment", "StraightThrough", "SyntheticGradient", "synthetic_call"]
 
@@ -133,20 +131,21 @@ class StraightThrough(Module):
         return grads, {}
 
     def extra_repr(self) -> str:
+        """``fn`` and ``clip``, for repr."""
         name = getattr(self.fn, "__qualname__", None) or repr(self.fn)
         return f"fn={name}" + ("" if self.clip is None else f", clip={self.clip}")
 
 
-class _GroupedOptim:
-    """An optimizer recipe with the predictor's parameters in a parameter group of their own."""
+class _GroupedOptim(Optim):
+    """``ag.Optim`` whose optimizer puts the predictor's parameters in a parameter group of their own."""
 
-    def __init__(self, cls: type[torch.optim.Optimizer], kwargs: dict, predictor: dict, where: list[bool]) -> None:
-        self.cls = cls
-        self.kwargs = kwargs
-        self.predictor = predictor
+    def __init__(self, cls: type[torch.optim.Optimizer], where: list[bool], predictor: dict, **kwargs: Any) -> None:
+        super().__init__(cls, **kwargs)
         self.where = where  # per entry of module.parameters(): whether it is the predictor's
+        self.predictor = predictor
 
-    def __call__(self, params: Any) -> torch.optim.Optimizer:
+    def build(self, params: Iterable[torch.nn.Parameter]) -> torch.optim.Optimizer:
+        """Build the optimizer over ``params``: the module's in one group, the predictor's in another."""
         params = list(params)
         if len(params) != len(self.where):
             raise ConfigError(f"SyntheticGradient.optim was made for {len(self.where)} parameters, "
@@ -157,7 +156,8 @@ class _GroupedOptim:
         return self.cls(groups, **self.kwargs)
 
     def __repr__(self) -> str:
-        return f"SyntheticGradient.optim({self.cls.__name__}, {self.kwargs}, predictor={self.predictor})"
+        """The recipe, with the predictor group's options."""
+        return f"{super().__repr__()[:-1]}, predictor={self.predictor!r})"
 
 
 class SyntheticGradient(Module):
@@ -254,12 +254,11 @@ class SyntheticGradient(Module):
             return {}
         return _param_vjp(loss, torch.ones_like(loss), own, prefix)
 
-    def optim(self, cls: type[torch.optim.Optimizer], *, predictor: Optional[dict] = None,
-              **kwargs: Any) -> Callable[[Any], torch.optim.Optimizer]:
-        """An optimizer recipe for ag.spawn: ``cls`` over all parameters, the predictor's with ``predictor`` options."""
+    def optim(self, cls: type[torch.optim.Optimizer], *, predictor: Optional[dict] = None, **kwargs: Any) -> Optim:
+        """``ag.Optim(cls, **kwargs)`` with the predictor's parameters in their own group, with ``predictor`` options."""
         pred_ids = {id(p) for p in self.predictor.parameters()}
         where = [id(p) in pred_ids for p in self.parameters()]
-        return _GroupedOptim(cls, dict(kwargs), dict(predictor or {}), where)
+        return _GroupedOptim(cls, where, dict(predictor or {}), **kwargs)
 
 
 def _infer_features(module: torch.nn.Module) -> int:

@@ -264,7 +264,9 @@ def test_synthetic_gradient_construction():
     with pytest.raises(ConfigError, match="features"):
         ag.SyntheticGradient(torch.nn.Tanh())
     assert ag.SyntheticGradient(torch.nn.Tanh(), features=5).predictor.out_features == 5
-    opt = sg.optim(torch.optim.SGD, lr=0.1, predictor={"lr": 0.01})(sg.parameters())
+    recipe = sg.optim(torch.optim.SGD, lr=0.1, predictor={"lr": 0.01})
+    assert isinstance(recipe, ag.Optim)
+    opt = recipe.build(sg.parameters())
     lrs = [(g["lr"], sum(p.numel() for p in g["params"])) for g in opt.param_groups]
     assert lrs == [(0.1, 4 * 6 + 6), (0.01, 6 * 6 + 6)]
     h, s = sg(torch.randn(3, 4))
