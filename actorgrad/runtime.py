@@ -85,6 +85,7 @@ class StepRecord:
     landing: set[str] = field(default_factory=set)  # workers that report their update after Commit
     report: Optional[StepReport] = None
     started: float = field(default_factory=time.perf_counter)
+    seeded: dict[tuple[int, int], int] = field(default_factory=dict)  # (call, output) -> pass that seeded it
 
     def participants(self) -> set[str]:
         return set(self.calls) | set(self.pass_workers)
@@ -657,6 +658,14 @@ class Runtime:
             self._drain()
             if step.error is not None:
                 raise self._deliver(step)
+            for n in nodes:
+                earlier = step.seeded.get((n.call.id, n.out))
+                if earlier is not None:
+                    raise E.ConfigError(
+                        f"backward() was already called on output {n.out} of call {n.call.id} in this step (pass "
+                        f"{earlier}); a second pass from the same seed would count its gradient twice. Seed it "
+                        "once (ag.backward(node, gradients=[g]) scales it)",
+                        worker=n.call.worker, call=n.call.id, step=step.id)
             # backward() returns at once: seeds whose forward already reported its output are
             # checked here; the others are checked by their worker (errors then come from the pass).
             grads = [self._check_seed(n, g) for n, g in zip(nodes, gradients)]
@@ -672,6 +681,8 @@ class Runtime:
             plan = self.graph.plan(seeds)
             prec = PassRecord(next(self._ids), step, seeds=seeds)
             step.passes[prec.id] = prec
+            for n in nodes:
+                step.seeded[(n.call.id, n.out)] = prec.id
             for worker, expects in plan.items():
                 here = tuple(m.SeedGrad(c, o, i, g) for i, ((c, o), g) in enumerate(zip(seeds, grads))
                              if self.graph.calls[c].worker == worker)

@@ -42,7 +42,7 @@ from ..module import has_custom_backward
 from ..optim import OptimizerSpec, build_optimizer, build_schedule, update_options
 from . import messages as m
 from .ledger import Arrival, Ledger
-from .rules import CallableRule, PendingGrads, Rule, Updater, Weights, add_grads, grad_norm, make_rule
+from .rules import CallableRule, PendingGrads, Rule, Updater, Weights, add_grads, make_rule
 from .vjp import Saved, default_vjp, make_leaves, map_leaves, run_forward
 from ..trace import MESSAGE_TID, Tracer, now_us
 
@@ -836,6 +836,8 @@ class WorkerCore:
             self.passes.pop(pid, None)
             self.early_grads.pop(pid, None)
         self.pending.pop(step)
+        if self.queue and self.queue[0] not in self.calls:
+            self.queue = deque(c for c in self.queue if c in self.calls)
 
     def _on_abort(self, msg: m.Abort) -> None:
         self.aborted.add(msg.step)
