@@ -79,18 +79,18 @@ def test_feedback_alignment_stale_and_recurrent_matches_linear(backend):
     plain_mod = linear(4, 2)
     fa_mod = ag.FeedbackAlignment(4, 2, seed=0)
     fa_mod.load_state_dict({**fa_mod.state_dict(), "weight": plain_mod.weight.detach(), "bias": plain_mod.bias.detach()})
-    runs = [(ag.spawn(mod, optimizer=sgd(momentum=0.5), max_staleness=1, name=f"{tag}-layer"),
-             ag.spawn(torch.nn.MSELoss(), max_staleness=1, name=f"{tag}-mse"))
-            for tag, mod in (("fa", fa_mod), ("plain", plain_mod))]
+    layers = [ag.spawn(mod, optimizer=sgd(momentum=0.5), max_staleness=1, name=f"{tag}-layer")
+              for tag, mod in (("fa", fa_mod), ("plain", plain_mod))]
+    mse = ag.spawn(torch.nn.MSELoss(), max_staleness=1, name="mse")  # parameterless: shared by both runs
     handles = []
     for _ in range(4):
         x1, x2, y = torch.randn(6, 4), torch.randn(6, 4), torch.randn(6, 2)
-        for layer, mse in runs:
+        for layer in layers:
             ag.backward(mse(layer(x1), y), mse(layer(x2), y))
         handles.append(ag.step(wait=False))
     for hd in handles:
         hd.wait()
-    sd_fa, sd_plain = runs[0][0].state_dict(), runs[1][0].state_dict()
+    sd_fa, sd_plain = layers[0].state_dict(), layers[1].state_dict()
     assert not torch.allclose(sd_plain["weight"], plain_mod.weight.detach())  # it trained
     assert torch.allclose(sd_fa["weight"], sd_plain["weight"], atol=1e-6)
     assert torch.allclose(sd_fa["bias"], sd_plain["bias"], atol=1e-6)
