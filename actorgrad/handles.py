@@ -175,7 +175,8 @@ class WorkerReport:
         lrs = tuple(float(x) for x in (d.get("lr") or ()))
         staleness = d.get("staleness")
         return replace(
-            self, updates=int(d.get("updates", self.updates)), grad_norm=d.get("grad_norm", self.grad_norm),
+            self, applied=bool(d.get("applied", self.applied)), version=int(d.get("version", self.version)),
+            updates=int(d.get("updates", self.updates)), grad_norm=d.get("grad_norm", self.grad_norm),
             update_norm=d.get("update_norm", self.update_norm),
             staleness=None if staleness is None else int(staleness),
             lr=lrs[0] if lrs else None, lrs=lrs, clipped=bool(d.get("clipped", self.clipped)))

@@ -22,8 +22,11 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 import torch
+from torch.optim.lr_scheduler import LRScheduler
 
-from ..errors import ConfigError
+from ..errors import CheckpointError, ConfigError
+from ..optim import UpdateOptions
+from .codec import check_value_tree
 
 log = logging.getLogger("actorgrad.rules")
 
@@ -55,18 +58,84 @@ def grad_norm(grads: Grads) -> float:
     return float(sum(n * n for n in norms) ** 0.5)
 
 
-class Updater:
-    """Applies gradients to a module's parameters with its optimizer."""
+class Weights(dict):
+    """Copies of a module's parameters, tagged with the weight version they copy (for staleness)."""
 
-    def __init__(self, worker: str, module: torch.nn.Module, optimizer: Optional[torch.optim.Optimizer]) -> None:
+    def __init__(self, tensors: dict[str, torch.Tensor], version: int) -> None:
+        super().__init__(tensors)
+        self.version = version
+
+
+@dataclass
+class StepMetrics:
+    """What the updates applied in one step did (see WorkerReport)."""
+
+    updates: int = 0
+    grad_norm: Optional[float] = None  # of the last update's gradient, before clipping
+    clipped: bool = False  # clipping changed some update's gradient
+    staleness: Optional[int] = None  # the most any update's gradient lagged its weights (in updates)
+    lr: Optional[list[float]] = None  # the learning rates the last update used, per param group
+    # The parameter change summed over the step's updates, negated (track_update_norm only).
+    delta: Optional[list[torch.Tensor]] = None
+
+
+# Oldest weight version that the forwards behind some passes' gradients used: (step, pass ids
+# or None for every pass of the step) -> version, or None when no call is known.
+WeightsVersion = Callable[[int, Optional[list[int]]], Optional[int]]
+
+
+class Updater:
+    """Applies gradients to a module's parameters with its optimizer, and records what each update did.
+
+    Around every optimizer step it clips the gradient (``clip_grad_norm`` / ``clip_grad_value``
+    of the worker's ag.Optim, over this worker's parameters, as torch.nn.utils does on a module)
+    and afterwards steps the LR scheduler once. Per step it keeps the metrics of its updates for
+    the step's report: how many, the gradient norm before clipping, whether clipping changed it,
+    staleness (see ``report``), the learning rates used, and with ``track_update_norm`` the norm
+    of the parameter change.
+    """
+
+    def __init__(self, worker: str, module: torch.nn.Module, optimizer: Optional[torch.optim.Optimizer],
+                 options: Optional[UpdateOptions] = None, scheduler: Optional[LRScheduler] = None,
+                 weights_version: Optional[WeightsVersion] = None) -> None:
         self.worker = worker
         self.module = module
         self.optimizer = optimizer
+        self.options = options or UpdateOptions()
+        self.scheduler = scheduler
+        self.weights_version = weights_version
         self.version = 0  # number of updates applied; names a weight version
         self.last_grad_norm: Optional[float] = None  # of the last gradient applied
+        self.records: dict[int, StepMetrics] = {}
+        self.last_closed: Optional[int] = None
 
-    def apply(self, grads: Grads, step: int) -> bool:
-        """Set ``.grad`` from ``grads`` and step the optimizer; False when there is nothing."""
+    def scheduler_state(self) -> Optional[dict[str, Any]]:
+        """The LR scheduler's state_dict, checked to be plain values that a checkpoint can hold."""
+        if self.scheduler is None:
+            return None
+        state = self.scheduler.state_dict()
+        try:
+            check_value_tree(state)
+        except TypeError as exc:
+            raise CheckpointError(f"the state of the LR scheduler {type(self.scheduler).__name__} cannot be saved: "
+                                  f"{exc}", worker=self.worker) from None
+        return state
+
+    def lrs(self) -> Optional[list[float]]:
+        """The optimizer's learning rate per param group now (None without an optimizer)."""
+        if self.optimizer is None:
+            return None
+        return [float(g["lr"]) for g in self.optimizer.param_groups if "lr" in g]
+
+    def _staleness(self, step: int, passes: Optional[list[int]]) -> Optional[int]:
+        oldest = self.weights_version(step, passes) if self.weights_version is not None else None
+        return None if oldest is None else max(0, self.version - oldest)
+
+    def apply(self, grads: Grads, step: int, passes: Optional[list[int]] = None) -> bool:
+        """Set ``.grad`` from ``grads``, clip, step the optimizer and the schedule; False when there is nothing.
+
+        ``passes``: the passes whose gradients ``grads`` holds (None: every pass of the step).
+        """
         if not grads:
             return False
         if self.optimizer is None:
@@ -76,21 +145,118 @@ class Updater:
                 worker=self.worker,
                 step=step,
             )
+        opts = self.options
+        clip = opts.clip_grad_norm is not None or opts.clip_grad_value is not None
         params = dict(self.module.named_parameters())
-        for name, p in params.items():
-            g = grads.get(name)
-            p.grad = None if g is None else g.to(device=p.device, dtype=p.dtype)
-        self.last_grad_norm = grad_norm(grads)
-        self.optimizer.step()
-        for p in params.values():
-            p.grad = None
+        try:
+            for name, p in params.items():
+                g = grads.get(name)
+                # Clipping scales .grad in place: a copy leaves tensors held elsewhere unchanged.
+                p.grad = None if g is None else g.to(device=p.device, dtype=p.dtype, copy=clip)
+            with_grad = [p for p in params.values() if p.grad is not None]
+            clipped = False
+            if opts.clip_grad_norm is not None:
+                norm = float(torch.nn.utils.clip_grad_norm_(with_grad, opts.clip_grad_norm))
+                clipped = norm > opts.clip_grad_norm
+            else:
+                norm = grad_norm(grads)
+                if opts.clip_grad_value is not None:
+                    clipped = any(bool((p.grad.abs() > opts.clip_grad_value).any()) for p in with_grad)
+                    torch.nn.utils.clip_grad_value_(with_grad, opts.clip_grad_value)
+            staleness = self._staleness(step, passes)
+            lr = self.lrs()
+            before = [p.detach().clone() for p in params.values()] if opts.track_update_norm else None
+            self.optimizer.step()
+            if self.scheduler is not None:
+                self.scheduler.step()
+        finally:
+            for p in params.values():
+                p.grad = None
+        self.last_grad_norm = norm
+        rec = self.records.setdefault(step, StepMetrics())
+        rec.updates += 1
+        rec.grad_norm = norm
+        rec.clipped = rec.clipped or clipped
+        rec.lr = lr
+        if staleness is not None:
+            rec.staleness = staleness if rec.staleness is None else max(rec.staleness, staleness)
+        if before is not None:
+            with torch.no_grad():
+                for b, p in zip(before, params.values()):
+                    b.sub_(p.detach())
+                if rec.delta is None:
+                    rec.delta = before
+                else:
+                    for d, b in zip(rec.delta, before):
+                        d.add_(b)
         self.version += 1
         return True
+
+    def report(self, step: int, pending: Optional[Grads] = None, passes: Optional[list[int]] = None,
+               take: bool = False) -> dict[str, Any]:
+        """The metrics of ``step``'s updates, as plain values for the step's report.
+
+        With ``pending``, it also counts the update that applying ``pending`` (the gradients of
+        ``passes``) will make when the step commits: its gradient norm, clipping, staleness and
+        learning rate are known now; its update norm only once it is applied. With ``take``, the
+        step's record is freed.
+
+        Staleness: for each update, the number of updates this worker had applied between the
+        weights that the forwards behind its gradient used and the weights it is applied to; the
+        step's is the largest.
+        """
+        rec = self.records.pop(step, None) if take else self.records.get(step)
+        out: dict[str, Any] = {"updates": 0, "grad_norm": None, "clipped": False, "staleness": None,
+                               "lr": self.lrs(), "update_norm": None}
+        if rec is not None:
+            out.update(updates=rec.updates, grad_norm=rec.grad_norm, clipped=rec.clipped, staleness=rec.staleness,
+                       lr=rec.lr if rec.lr is not None else out["lr"])
+            if rec.delta is not None:
+                out["update_norm"] = grad_norm(dict(enumerate(rec.delta)))
+        if pending:
+            out["updates"] += 1
+            norm, clipped = self._preview_clip(pending)
+            out["grad_norm"] = norm
+            out["clipped"] = out["clipped"] or clipped
+            staleness = self._staleness(step, passes)
+            if staleness is not None:
+                out["staleness"] = staleness if out["staleness"] is None else max(out["staleness"], staleness)
+            out["lr"] = self.lrs()
+            out["update_norm"] = None
+        return out
+
+    def _preview_clip(self, grads: Grads) -> tuple[float, bool]:
+        """The gradient norm (before clipping) and whether clipping will change ``grads``."""
+        opts = self.options
+        if opts.clip_grad_norm is not None:
+            norm = float(torch.nn.utils.get_total_norm(list(grads.values())))
+            return norm, norm > opts.clip_grad_norm
+        clipped = opts.clip_grad_value is not None and any(
+            bool((g.abs() > opts.clip_grad_value).any()) for g in grads.values())
+        return grad_norm(grads), clipped
+
+    def closed(self, step: int) -> None:
+        """``step`` committed here: drop records nobody will ask for (the caller asks right after a
+        commit for the record of that step when it tracks update norms)."""
+        self.last_closed = step
+        keep = step if self.options.track_update_norm else step + 1
+        for k in [k for k in self.records if k < keep]:
+            del self.records[k]
+
+    def take_closed(self) -> dict[str, Any]:
+        """The report of the step committed last (its actual updates), freeing its record."""
+        if self.last_closed is None:
+            return {"step": None}
+        out = self.report(self.last_closed, take=True)
+        return {"step": self.last_closed, "applied": out["updates"] > 0, "version": self.version, **out}
 
 
 @dataclass
 class UpdateContext:
-    """What a custom update rule sees: the pending gradients and the means to apply them."""
+    """What a custom update rule sees: the pending gradients and the means to apply them.
+
+    ``apply`` clips and steps the schedule as the worker's ag.Optim says, like every update.
+    """
 
     worker: str
     step: int
@@ -102,27 +268,42 @@ class UpdateContext:
     optimizer: Optional[torch.optim.Optimizer]
     version: int
     _updater: Updater = field(repr=False, default=None)  # type: ignore[assignment]
+    _passes: list[int] = field(repr=False, default_factory=list)  # the passes whose gradients ``grads`` holds
+    scheduler: Optional[LRScheduler] = None
 
     def apply(self, grads: Optional[Grads] = None) -> bool:
         """Apply ``grads`` (default: the pending ones) with the optimizer now."""
-        applied = self._updater.apply(self.grads if grads is None else grads, self.step)
+        applied = self._updater.apply(self.grads if grads is None else grads, self.step, list(self._passes))
         if grads is None:
             self.grads.clear()
+            self._passes.clear()
         return applied
 
 
 @dataclass
 class PendingGrads:
-    """Gradients a worker has computed but not applied, per step."""
+    """Gradients a worker has computed but not applied, per step, and the passes they came from."""
 
     by_step: dict[int, Grads] = field(default_factory=dict)
+    passes: dict[int, list[int]] = field(default_factory=dict)
 
     def for_step(self, step: int) -> Grads:
         """The pending gradients of ``step`` (created empty)."""
         return self.by_step.setdefault(step, {})
 
+    def add(self, step: int, pass_id: int, grads: Grads) -> None:
+        """Sum one pass's gradients into those pending for ``step``."""
+        add_grads(self.for_step(step), grads)
+        if grads:
+            self.passes.setdefault(step, []).append(pass_id)
+
+    def passes_of(self, step: int) -> list[int]:
+        """The passes whose gradients are pending for ``step`` (created empty)."""
+        return self.passes.setdefault(step, [])
+
     def pop(self, step: int) -> Grads:
         """Remove and return the pending gradients of ``step``."""
+        self.passes.pop(step, None)
         return self.by_step.pop(step, {})
 
 
@@ -142,11 +323,15 @@ class StepRule(Rule):
     """Sum every gradient of every call and pass of the step; apply once at close."""
 
     def on_pass(self, updater, pending, step, pass_id, grads):
-        add_grads(pending.for_step(step), grads)
+        pending.add(step, pass_id, grads)
         return False
 
     def on_close(self, updater, pending, step):
-        return updater.apply(pending.pop(step), step)
+        try:
+            passes = list(pending.passes.get(step, ()))
+            return updater.apply(pending.pop(step), step, passes)
+        finally:
+            updater.closed(step)
 
 
 class PassRule(Rule):
@@ -155,10 +340,11 @@ class PassRule(Rule):
     stashes = True
 
     def on_pass(self, updater, pending, step, pass_id, grads):
-        return updater.apply(grads, step)
+        return updater.apply(grads, step, [pass_id])
 
     def on_close(self, updater, pending, step):
         pending.pop(step)
+        updater.closed(step)
         return False
 
 
@@ -175,7 +361,7 @@ class CallableRule(Rule):
         ctx = UpdateContext(
             worker=updater.worker, step=step, event=event, pass_id=pass_id, grads=grads,
             pass_grads=pass_grads, module=updater.module, optimizer=updater.optimizer,
-            version=updater.version, _updater=updater,
+            version=updater.version, _updater=updater, _passes=pending.passes_of(step), scheduler=updater.scheduler,
         )
         before = updater.version
         if self.fn(ctx):
@@ -183,13 +369,15 @@ class CallableRule(Rule):
         return updater.version != before
 
     def on_pass(self, updater, pending, step, pass_id, grads):
-        add_grads(pending.for_step(step), grads)
+        pending.add(step, pass_id, grads)
         return self._call(updater, pending, step, "pass", pass_id, grads)
 
     def on_close(self, updater, pending, step):
-        applied = self._call(updater, pending, step, "close", None, {})
-        pending.pop(step)
-        return applied
+        try:
+            return self._call(updater, pending, step, "close", None, {})
+        finally:
+            pending.pop(step)
+            updater.closed(step)
 
 
 UPDATE_RULES: dict[str, Callable[[], Rule]] = {"step": StepRule, "pass": PassRule}
