@@ -164,7 +164,7 @@ def test_kill_without_recovery_names_worker_and_others_stay_usable(ray_session):
     import ray
 
     ray_session()
-    ag.init(backend="ray", timeout=30)
+    ag.init(backend="ray", timeout=60)
     try:
         workers, step_fn = spawn_all("/nonexistent", "nowhere")
         step_fn(1)
@@ -174,7 +174,7 @@ def test_kill_without_recovery_names_worker_and_others_stay_usable(ray_session):
         with pytest.raises(E.WorkerDied) as info:
             step_fn(2)
             ag.step()
-        assert time.monotonic() - t0 < 30
+        assert time.monotonic() - t0 < 60
         assert info.value.worker == "head" and info.value.step == 2
         assert not info.value.recovered
         x, _ = batch(3)
