@@ -119,3 +119,57 @@ def test_checkpoint_of_wrong_shapes_names_the_worker(backend, tmp_path):
         ag.load(str(tmp_path / "ckpt"))
     assert info.value.worker == "enc" and "size mismatch" in str(info.value)
     assert enc is not None
+
+
+def test_checkpoint_of_other_options_names_the_option(backend, tmp_path):
+    build()
+    ag.save(str(tmp_path / "ckpt"))
+    ag.shutdown()
+    ag.init(backend=backend)
+    torch.manual_seed(0)
+    ag.spawn(torch.nn.Linear(4, 6), name="enc", optimizer=ag.Optim(torch.optim.Adam, lr=0.01), update="pass")
+    ag.spawn(torch.nn.Tanh(), name="act")
+    ag.spawn(torch.nn.Linear(6, 1), name="head", optimizer=ag.Optim(torch.optim.SGD, lr=0.05, momentum=0.9))
+    ag.spawn(torch.nn.MSELoss(), name="mse")
+    with pytest.raises(E.CheckpointError) as info:
+        ag.load(str(tmp_path / "ckpt"))
+    assert info.value.worker == "enc" and "update" in str(info.value)
+
+
+def test_stale_pipeline_resumes_exactly(backend, tmp_path):
+    """max_staleness=1: the checkpoint carries the stale weight snapshots, so a resumed pipelined
+    run uses the same old weights as the uninterrupted one."""
+
+    def spawn_stale(seed):
+        torch.manual_seed(seed)
+        enc = ag.spawn(torch.nn.Linear(4, 6), name="enc", optimizer=ag.Optim(torch.optim.SGD, lr=0.1),
+                       max_staleness=1)
+        head = ag.spawn(torch.nn.Linear(6, 1), name="head", optimizer=ag.Optim(torch.optim.SGD, lr=0.1),
+                        max_staleness=1)
+        mse = ag.spawn(torch.nn.MSELoss(), name="mse")
+        return enc, head, mse
+
+    def run(workers, steps, seed):
+        enc, head, mse = workers
+        g = torch.Generator().manual_seed(seed)
+        for _ in range(steps):
+            x, y = torch.randn(8, 4, generator=g), torch.randn(8, 1, generator=g)
+            mse(head(enc(x)), y).backward()
+            ag.step(wait=False)
+
+    workers = spawn_stale(0)
+    run(workers, 4, seed=1)
+    ag.save(str(tmp_path / "ckpt"))  # waits for the steps in flight; the next forward uses step 3's weights
+    run(workers, 4, seed=2)
+    ag.step()  # drain
+    expected = {w.name: w.state_dict() for w in workers}
+
+    ag.shutdown()
+    ag.init(backend=backend)
+    workers = spawn_stale(7)
+    ag.load(str(tmp_path / "ckpt"))
+    run(workers, 4, seed=2)
+    ag.step()
+    for w in workers:
+        for k, v in w.state_dict().items():
+            torch.testing.assert_close(v, expected[w.name][k], atol=1e-6, rtol=1e-6)
