@@ -291,7 +291,7 @@ def _edge_label(e: EdgeView) -> str:
 
 
 def describe_optimizer(spec: Any) -> Optional[str]:
-    """A short text for an optimizer recipe: ``"SGD lr=0.1"``, or the callable's name."""
+    """A short text for an optimizer recipe: ``"SGD lr=0.1"`` (and its LR schedule), or the callable's name."""
     if spec is None:
         return None
     cls, kwargs = getattr(spec, "cls", None), getattr(spec, "kwargs", None)
@@ -302,9 +302,12 @@ def describe_optimizer(spec: Any) -> Optional[str]:
                 lr = inspect.signature(cls).parameters["lr"].default
             except (KeyError, TypeError, ValueError):
                 pass
-        if isinstance(lr, (int, float)) and not isinstance(lr, bool):
-            return f"{cls.__name__} lr={lr:g}"
-        return cls.__name__
+        numeric = isinstance(lr, (int, float)) and not isinstance(lr, bool)
+        text = f"{cls.__name__} lr={lr:g}" if numeric else cls.__name__
+        sched = getattr(getattr(spec, "schedule", None), "cls", None)
+        if sched is not None:
+            text += f", {getattr(sched, '__name__', type(sched).__name__)}"
+        return text
     return f"{getattr(spec, '__name__', type(spec).__name__)} (callable)"
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -342,6 +343,22 @@ def test_png_and_svg_with_graphviz(local, tmp_path):
     assert (tmp_path / "g.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     ag.graph(tmp_path / "g.svg")
     assert "<svg" in (tmp_path / "g.svg").read_text()
+
+
+def test_optimizer_descriptions():
+    assert viz.describe_optimizer(None) is None
+    assert viz.describe_optimizer(ag.Optim(torch.optim.SGD, lr=0.5, momentum=0.9)) == "SGD lr=0.5"
+    default_lr = torch.optim.Adam([nn.Parameter(torch.zeros(1))]).defaults["lr"]
+    assert viz.describe_optimizer(ag.Optim(torch.optim.Adam)) == f"Adam lr={default_lr:g}"
+
+    def make_opt(params):
+        return torch.optim.SGD(params, lr=0.1)
+
+    assert viz.describe_optimizer(make_opt) == "make_opt (callable)"
+    # A recipe with an LR schedule (any object with .cls) names the scheduler too.
+    spec = SimpleNamespace(cls=torch.optim.SGD, kwargs={"lr": 0.1},
+                           schedule=SimpleNamespace(cls=torch.optim.lr_scheduler.StepLR, kwargs={}))
+    assert viz.describe_optimizer(spec) == "SGD lr=0.1, StepLR"
 
 
 def test_graph_needs_a_runtime():
