@@ -240,7 +240,9 @@ def build_scheduled(seed):
     torch.manual_seed(seed)
     a = ag.spawn(torch.nn.Linear(4, 5), name="a", optimizer=ag.Optim(
         torch.optim.SGD, lr=0.1, momentum=0.9, schedule=ag.Schedule(L.StepLR, step_size=2, gamma=0.5)))
-    b = ag.spawn(torch.nn.Linear(5, 2), name="b", optimizer=ag.Optim(
+    # max_staleness=1: forwards run on the weights one step back (also with ag.step() waiting), which
+    # a checkpoint keeps, along with how many updates back they are.
+    b = ag.spawn(torch.nn.Linear(5, 2), name="b", max_staleness=1, optimizer=ag.Optim(
         torch.optim.Adam, lr=0.01, schedule=ag.Schedule(L.OneCycleLR, max_lr=0.05, total_steps=10)))
     mse = ag.spawn(torch.nn.MSELoss(), name="mse")
     return [a, b], mse
@@ -266,6 +268,7 @@ def test_save_load_resumes_the_schedule_exactly(backend, tmp_path):
     for r, e in zip(reports, expected_reports):
         for name in ("a", "b"):
             assert r.workers[name].lr == pytest.approx(e.workers[name].lr, rel=1e-12)
+            assert r.workers[name].staleness == e.workers[name].staleness == (1 if name == "b" else 0)
 
 
 @pytest.mark.parametrize("kwargs, words", [

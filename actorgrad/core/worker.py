@@ -1018,6 +1018,8 @@ class WorkerCore:
             # Stale forwards after a restore must use the same old weights as an uninterrupted run.
             data["snapshots"] = [[k, {n: t.detach().cpu() for n, t in v.items()}]
                                  for k, v in sorted(self.snapshots.items())]
+            data["snapshot_versions"] = [[k, getattr(v, "version", self.updater.version)]
+                                         for k, v in sorted(self.snapshots.items())]
         self._ack(msg.req, data)
 
     def _on_set_state(self, msg: m.SetState) -> None:
@@ -1049,6 +1051,11 @@ class WorkerCore:
                                            for n, t in v.items()} for k, v in saved}
             else:
                 self.snapshots = {max(self.snapshots, default=0): self._clone_params()}
+            if saved and state.get("snapshot_versions"):
+                # Versions go on from the saved ones plus the bump above, so staleness stays exact.
+                versions = {int(k): int(v) + 1 for k, v in state["snapshot_versions"]}
+                self.snapshots = {k: Weights(v, versions.get(k, self.updater.version))
+                                  for k, v in self.snapshots.items()}
             self.snapshot_refs = {}
         self._ack(msg.req, None)
 
