@@ -167,11 +167,10 @@ class Updater:
             lr = self.lrs()
             before = [p.detach().clone() for p in params.values()] if opts.track_update_norm else None
             self.optimizer.step()
-            if self.scheduler is not None:
-                self.scheduler.step()
         finally:
             for p in params.values():
                 p.grad = None
+        self.version += 1  # the weights changed, even if the schedule below raises
         self.last_grad_norm = norm
         rec = self.records.setdefault(step, StepMetrics())
         rec.updates += 1
@@ -189,7 +188,8 @@ class Updater:
                 else:
                     for d, b in zip(rec.delta, before):
                         d.add_(b)
-        self.version += 1
+        if self.scheduler is not None:
+            self.scheduler.step()
         return True
 
     def report(self, step: int, pending: Optional[Grads] = None, passes: Optional[list[int]] = None,
