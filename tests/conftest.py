@@ -22,6 +22,7 @@ def ray_init_args() -> dict:
     here = os.path.dirname(os.path.abspath(__file__))
     paths = [here, os.path.dirname(here)] + [p for p in sys.path if p and os.path.isdir(p)]
     return {
+        "address": "local",  # our own instance, even if a `ray start` cluster runs on this machine
         "num_cpus": 2,
         "logging_level": "ERROR",
         "runtime_env": {"env_vars": {"PYTHONPATH": os.pathsep.join(paths)}},

@@ -39,7 +39,8 @@ def cluster():
     c.wait_for_nodes()
     args = ray_init_args()
     args.pop("num_cpus")
-    ray.init(address=c.address, **args)
+    args["address"] = c.address
+    ray.init(**args)
     node_of_resource = {}
     for n in ray.nodes():
         for r in NODES:

@@ -203,6 +203,10 @@ class RayTransport:
                 env.setdefault("env_vars", {}).setdefault("PYTHONPATH", os.pathsep.join(paths))
                 kwargs["runtime_env"] = env
             kwargs.update(ray_kwargs)
+            if address is None and not os.environ.get("RAY_ADDRESS"):
+                # The embedded default always starts its own instance, even when a `ray start`
+                # cluster runs on this machine (plain ray.init() would join that one).
+                address = "local"
             ray.init(address=address, **kwargs)
             self.started_ray = True
         self.namespace = f"actorgrad-{uuid.uuid4().hex[:8]}"
