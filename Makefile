@@ -33,9 +33,11 @@ bench: $(STAMP)  ## actorgrad vs plain PyTorch and torch.distributed.rpc; writes
 cluster-demo: $(STAMP)  ## a real 2-node Ray cluster on this machine; submits a job; checks placement
 	PY=$(PY) bash cluster/demo.sh
 
-examples: $(STAMP)  ## run every example
+examples: $(STAMP)  ## run every example; the real-data ones write examples/results/ (table and plots)
 	$(PY) examples/quickstart.py
 	$(PY) examples/rnn_bptt.py
+	$(PY) examples/digits.py
+	$(PY) examples/mnist1d_compare.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
