@@ -48,6 +48,7 @@ class WorkerInfo:
     trainable: bool
     has_optimizer: bool
     custom_rule: bool
+    custom_backward: bool
     options: dict[str, Any]
     handle: Worker
     arity: Optional[tuple[bool, int]] = None  # (returns a single tensor, number of outputs)
@@ -474,6 +475,7 @@ class Runtime:
             self.workers[name] = WorkerInfo(
                 name=name, module_class=cls, trainable=any(p.requires_grad for p in params),
                 has_optimizer=opt is not None, custom_rule=isinstance(rule, CallableRule),
+                custom_backward=has_custom_backward(module),
                 options=options, handle=handle, placed=not deferred, optimizer=opt)
             self._workers_changed += 1
             log.info("spawned worker %s (%s) on %s", name, cls, self.backend)
@@ -716,7 +718,7 @@ class Runtime:
                     f"gradient of shape {tuple(g.shape)} for output {n.out} of shape {tuple(shape)}",
                     worker=n.call.worker, call=n.call.id, step=n.call.step)
             g = g.detach()
-        if not requires_grad and not info.custom_rule:
+        if not requires_grad and not (info.custom_rule or info.custom_backward):
             raise E.ConfigError(
                 f"output {n.out} does not require grad: nothing that produced it is differentiable",
                 worker=n.call.worker, call=n.call.id, step=n.call.step)
