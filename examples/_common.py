@@ -121,13 +121,22 @@ def load_mnist1d_split(seed: int = 42, tiny: bool = False) -> Split:
     )
 
 
-def epoch_batches(n: int, batch_size: int, epochs: int, seed: int) -> list[list[torch.Tensor]]:
-    """Index batches for every epoch (a fresh shuffle each), fixed by ``seed``: every method sees the same."""
+def epoch_batches(n: int, batch_size: int, epochs: int, seed: int, steps: Optional[int] = None) -> list[list[torch.Tensor]]:
+    """Index batches for every epoch (a fresh shuffle each), fixed by ``seed``: every method sees the same.
+
+    With ``steps``, exactly that many batches in all: as many epochs as they need, the last one cut short.
+    """
     g = torch.Generator().manual_seed(seed)
+    per_epoch = -(-n // batch_size)
+    if steps is not None:
+        epochs = -(-steps // per_epoch)
     out = []
-    for _ in range(epochs):
+    for e in range(epochs):
         perm = torch.randperm(n, generator=g)
-        out.append([perm[i:i + batch_size] for i in range(0, n, batch_size)])
+        batches = [perm[i:i + batch_size] for i in range(0, n, batch_size)]
+        if steps is not None:
+            batches = batches[:steps - e * per_epoch]
+        out.append(batches)
     return out
 
 

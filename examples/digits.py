@@ -36,6 +36,8 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backend", choices=["ray", "local"], default="ray")
     parser.add_argument("--epochs", type=int, default=None, help="passes over the training set (default 20; 3 with --tiny)")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="train for exactly this many steps instead (overrides --epochs)")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--hidden", type=int, default=128)
     parser.add_argument("--depth", type=int, default=2, help="Linear+ReLU blocks, one worker each")
@@ -44,6 +46,8 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser.add_argument("--tiny", action="store_true", help="a reduced size that runs in seconds (tests)")
     parser.add_argument("--out", default=os.path.join(HERE, "results"), help="folder for digits.png and digits.md")
     args = parser.parse_args(argv)
+    if args.steps is not None and args.steps < 1:
+        parser.error("--steps must be at least 1")
     if args.epochs is None:
         args.epochs = 3 if args.tiny else 20
     return args
@@ -55,7 +59,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     split = load_digits_split(seed=args.seed, tiny=args.tiny)
     print(split.describe())
     blocks, head = mlp_blocks(split.features, args.hidden, args.depth, split.classes, seed=args.seed)
-    batches = epoch_batches(len(split.y_train), args.batch, args.epochs, seed=args.seed + 1)
+    batches = epoch_batches(len(split.y_train), args.batch, args.epochs, seed=args.seed + 1, steps=args.steps)
+    args.epochs = len(batches)
     steps = sum(len(b) for b in batches)
 
     ag.init(backend=args.backend)

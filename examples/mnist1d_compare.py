@@ -234,7 +234,12 @@ def run_greedy(s: Setup, pipelined: bool) -> Result:
         # The last block's auxiliary classifier is the model's head (same initial weights as elsewhere);
         # the others are fresh linear classifiers.
         last = i == len(s.blocks) - 1
-        aux = copy.deepcopy(s.head) if last else torch.nn.Linear(s.args.hidden, s.split.classes)
+        if last:
+            aux = copy.deepcopy(s.head)
+        else:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(s.args.seed + 100 + i)
+                aux = torch.nn.Linear(s.args.hidden, s.split.classes)
         heads.append(ag.spawn(aux, name=f"{pre}.aux{i}", optimizer=opt, max_staleness=k))
         losses.append(ag.spawn(torch.nn.CrossEntropyLoss(), name=f"{pre}.xent{i}", max_staleness=k))
     ready([*blocks, *heads, *losses])
@@ -351,6 +356,8 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backend", choices=["ray", "local"], default="ray")
     parser.add_argument("--epochs", type=int, default=None, help="passes over the training set (default 30; 2 with --tiny)")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="train for exactly this many steps instead (overrides --epochs)")
     parser.add_argument("--batch", type=int, default=100)
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--depth", type=int, default=3, help="Linear+ReLU blocks, one worker each")
@@ -362,6 +369,8 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser.add_argument("--tiny", action="store_true", help="a reduced size that runs in seconds (tests)")
     parser.add_argument("--out", default=os.path.join(HERE, "results"), help="folder for results.md and mnist1d.png")
     args = parser.parse_args(argv)
+    if args.steps is not None and args.steps < 1:
+        parser.error("--steps must be at least 1")
     if args.epochs is None:
         args.epochs = 2 if args.tiny else 30
     if args.tiny:
@@ -413,9 +422,10 @@ def write_results(args: argparse.Namespace, s: Setup, results: list[Result], dif
         f"Written by `examples/mnist1d_compare.py{' --tiny' if args.tiny else ''}` "
         f"(backend `{args.backend}`). {s.split.describe()} (mnist1d `make_dataset`, seed {args.data_seed}). "
         f"Every method: {model} (ReLU), same initial weights, Adam lr {args.lr} per module, batch {args.batch}, "
-        f"{args.epochs} epochs, the same batches in the same order. Wall time: the training steps only "
-        f"(not spawning workers, not the per-epoch evaluation). torch runs on one thread everywhere, as in "
-        f"every Ray worker, so that plain PyTorch does the same float arithmetic. Machine: {os.cpu_count()} CPU cores, "
+        f"{args.epochs} epochs ({s.steps} steps), the same batches in the same order. Wall time: the training steps only "
+        f"(not spawning workers, not the per-epoch evaluation). Plain PyTorch runs torch on "
+        f"{'one thread, as every Ray worker does' if args.backend == 'ray' else 'the threads the local workers use'}, "
+        f"so that it does the same float arithmetic. Machine: {os.cpu_count()} CPU cores, "
         f"torch {torch.__version__}, Python {platform.python_version()}. Whole script: {total_seconds:.0f} s.\n",
         markdown_table(["method", "workers", "test accuracy", "train accuracy", "wall time (s)", "steps", "ms / step",
                         "max \\|param diff\\| vs plain PyTorch"], rows),
@@ -441,17 +451,22 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     split = load_mnist1d_split(seed=args.data_seed, tiny=args.tiny)
     print(split.describe())
     blocks, head = mlp_blocks(split.features, args.hidden, args.depth, split.classes, seed=args.seed)
-    s = Setup(args, split, epoch_batches(len(split.y_train), args.batch, args.epochs, seed=args.seed + 1), blocks, head)
+    batches = epoch_batches(len(split.y_train), args.batch, args.epochs, seed=args.seed + 1, steps=args.steps)
+    args.epochs = len(batches)
+    s = Setup(args, split, batches, blocks, head)
 
     started_ray = start_ray(args.backend)
     results: list[Result] = []
-    # One torch thread here, as in every Ray worker: with another thread count the float sums in a
-    # matmul are split differently, the results differ by ~1e-8 after one epoch, and training
-    # amplifies that (to ~0.3 after 30 epochs); plain PyTorch and local workers run in this process.
+    # Plain PyTorch must do the workers' float arithmetic: a Ray worker runs torch on one thread, and
+    # with another thread count a matmul splits its sums differently; the results differ by ~1e-8
+    # after one epoch and training amplifies that (to ~0.3 after 30 epochs). Local workers compute in
+    # this process, as plain PyTorch does, so there the thread count stays as it is.
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    if args.backend == "ray":
+        torch.set_num_threads(1)
     try:
         for key in args.methods:
+            t_method = time.perf_counter()
             if key == "plain":
                 results.append(run_plain(s))
             else:
@@ -461,7 +476,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                 finally:
                     ag.shutdown()  # this method's workers go; Ray (started above) stays for the next
             r = results[-1]
-            print(f"{r.label}: test accuracy {100 * r.test_acc:.1f}%, {r.steps} steps in {r.seconds:.1f} s")
+            print(f"{r.label}: test accuracy {100 * r.test_acc:.1f}%, {r.steps} steps in {r.seconds:.1f} s "
+                  f"({time.perf_counter() - t_method:.1f} s in all, with set-up and evaluation)")
     finally:
         torch.set_num_threads(threads)
         if started_ray:

@@ -81,3 +81,11 @@ def test_mismatch_fails_the_run(tmp_path, monkeypatch):
         mod.main(["--backend", "local", "--tiny", "--epochs", "1", "--methods", "plain,backprop",
                   "--out", str(tmp_path)])
     assert "MISMATCH" in (tmp_path / "results.md").read_text()
+
+
+def test_steps_cut_the_last_epoch_short():
+    common = load_example("_common")
+    batches = common.epoch_batches(10, 3, epochs=5, seed=0, steps=6)
+    assert [len(e) for e in batches] == [4, 2]
+    assert sorted(int(i) for b in batches[0] for i in b) == list(range(10))  # a full epoch sees every example once
+    assert [len(e) for e in common.epoch_batches(10, 3, epochs=2, seed=0)] == [4, 4]
