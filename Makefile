@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test examples bench cluster-demo clean
+.PHONY: install demo test examples bench soak cluster-demo clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,9 @@ test: $(STAMP)  ## run the whole test suite
 
 bench: $(STAMP)  ## actorgrad vs plain PyTorch and torch.distributed.rpc; writes bench/results.md
 	$(PY) -m bench.bench
+
+soak: $(STAMP)  ## 20000 small steps on Ray; every worker's memory must stay flat; writes bench/soak.md
+	$(PY) -m bench.soak --steps 20000 --backend ray --out bench/soak.md
 
 cluster-demo: $(STAMP)  ## a real 2-node Ray cluster on this machine; submits a job; checks placement
 	PY=$(PY) bash cluster/demo.sh
