@@ -216,8 +216,9 @@ class Runtime:
             return
         self._pending.pop(p.req, None)
         p.done = True
+        future, p.future = p.future, None  # breaks the cycle request -> future -> callback -> request
         try:
-            reply = codec.decode(p.future.result())
+            reply = codec.decode(future.result())
         except E.ActorgradError as err:
             p.error = err
         except Exception as exc:

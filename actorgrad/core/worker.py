@@ -1094,7 +1094,8 @@ def _rss_bytes() -> int:
 
 
 def _live_tensors() -> int:
-    return sum(1 for o in gc.get_objects() if isinstance(o, torch.Tensor))
+    # issubclass on the type: isinstance would touch lazy torch objects and warn.
+    return sum(1 for o in gc.get_objects() if issubclass(type(o), torch.Tensor))
 
 
 def _fmt_edges(missing: list[tuple[int, int, tuple[int, int]]]) -> str:

@@ -150,6 +150,9 @@ class Host:
             finally:
                 for _ in batch:
                     self._inbox.task_done()
+                # Frames hold reply closures (and through them the caller's request records):
+                # let them go now, not when the next message arrives.
+                batch = []
 
     def _decode(self, data: bytes, reply: Optional[ReplyFn]) -> Optional[m.Message]:
         try:
