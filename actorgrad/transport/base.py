@@ -39,6 +39,8 @@ def epoch_of(key: str) -> int:
     return int(tail) if sep and tail.isdigit() else 0
 
 
+_EXPIRE: Any = object()  # an inbox item: check the core's deadlines (see Host._sweep)
+
 SendFn = Callable[[str, str, int, bytes], None]  # (to, sender, seq, data)
 ReplyFn = Callable[[bytes], None]
 
@@ -94,7 +96,8 @@ class Host:
 
     def accept(self, sender: str, seq: int, data: bytes, reply: Optional[ReplyFn] = None) -> None:
         """Take one frame (on the loop thread); release it once its predecessors have arrived."""
-        if epoch_of(sender) != self.epoch:
+        # A sender already seen is of this epoch: the parse runs once per sender, not per frame.
+        if sender not in self._next_in and epoch_of(sender) != self.epoch:
             log.debug("%s: frame of epoch %d from %s dropped (now in epoch %d)", self.name, epoch_of(sender),
                       sender, self.epoch)
             return
@@ -115,13 +118,8 @@ class Host:
         period = min(5.0, max(0.05, self.core.deadline / 10))
         while True:
             await asyncio.sleep(period)
-            # On the compute thread: the core is never touched by two threads at once.
-            out = await self._loop.run_in_executor(self._executor, self.core.expire)
-            for to, msg in out:
-                if to is None:
-                    self._reply(msg)
-                else:
-                    self.send(to, msg)
+            # Through the inbox, like a message: the core is only ever run by the _run task.
+            self._inbox.put_nowait((_EXPIRE, None))
 
     async def quiesce(self) -> None:
         """Stop taking messages and wait until the compute thread is idle (before a reset)."""
@@ -177,7 +175,12 @@ class Host:
         for msg in msgs:
             t0 = time.perf_counter()
             try:
-                outs.append(self.core.poll() if msg is None else self.core.handle(msg, defer=True))
+                if msg is None:
+                    outs.append(self.core.poll())
+                elif msg is _EXPIRE:
+                    outs.append(self.core.expire())
+                else:
+                    outs.append(self.core.handle(msg, defer=True))
             except Exception as exc:  # a bug in the core: answer the request, keep serving
                 log.exception("%s: internal error handling %s", self.name, type(msg).__name__ if msg else "poll")
                 out = []
@@ -191,7 +194,11 @@ class Host:
         return outs
 
     async def _handle_batch(self, batch: list[tuple[bytes, Optional[ReplyFn]]]) -> None:
-        msgs = [msg for data, reply in batch if (msg := self._decode(data, reply)) is not None]
+        msgs = []
+        for data, reply in batch:
+            msg = data if data is _EXPIRE else self._decode(data, reply)
+            if msg is not None:
+                msgs.append(msg)
         if not msgs:
             return
         # [Note: inline compute] Cheap messages run on the loop: a thread hop per message would

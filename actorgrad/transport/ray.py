@@ -304,6 +304,20 @@ class RayTransport:
 
         self._io.call_soon_threadsafe(open_channel)
 
+    def _close_channels(self) -> None:
+        """Close every caller channel (on the IO thread), waiting up to 5 s."""
+        assert self._io is not None
+        chans = list(self._chans.values())
+        self._chans.clear()
+
+        async def close_all() -> None:
+            await asyncio.gather(*(ch.closed() for ch in chans), return_exceptions=True)
+
+        try:
+            asyncio.run_coroutine_threadsafe(close_all(), self._io).result(5)
+        except Exception:
+            log.warning("some channels did not close in time")
+
     def reset(self, epoch: int, timeout: float) -> None:
         """Recovery: wait until every worker is alive again (Ray restarts dead ones), reset them
         all into ``epoch``, and reconnect; requests still waiting fail with WorkerDied."""
@@ -341,16 +355,7 @@ class RayTransport:
         if self._io is not None:
             with self._outq_lock:
                 self._outq = []  # frames of the old epoch
-            chans = list(self._chans.values())
-            self._chans.clear()
-
-            async def close_all() -> None:
-                await asyncio.gather(*(ch.closed() for ch in chans), return_exceptions=True)
-
-            try:
-                asyncio.run_coroutine_threadsafe(close_all(), self._io).result(5)
-            except Exception:
-                log.warning("some channels did not close in time")
+            self._close_channels()
             for name in names:
                 self._open_channel(name, self._actors[name])
         log.warning("recovery: %d workers reset into epoch %d", len(names), epoch)
@@ -466,16 +471,7 @@ class RayTransport:
                     pass
             self._groups.clear()
         if self._io is not None:
-            chans = list(self._chans.values())
-            self._chans.clear()
-
-            async def close_all() -> None:
-                await asyncio.gather(*(ch.closed() for ch in chans), return_exceptions=True)
-
-            try:
-                asyncio.run_coroutine_threadsafe(close_all(), self._io).result(5)
-            except Exception:
-                log.warning("some channels did not close in time")
+            self._close_channels()
             self._io.call_soon_threadsafe(self._io.stop)
             self._io_thread.join(timeout=5)
         if self.started_ray:
