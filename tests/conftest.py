@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 
 import pytest
 import torch
@@ -27,6 +28,32 @@ def ray_init_args() -> dict:
         "logging_level": "ERROR",
         "runtime_env": {"env_vars": {"PYTHONPATH": os.pathsep.join(paths)}},
     }
+
+
+def _process_gone(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"  # a zombie no longer runs
+    except FileNotFoundError:
+        return True
+
+
+def kill_worker(actor, no_restart: bool = True, timeout: float = 60.0) -> None:
+    """Kill a worker's process with ray.kill and return once the process has really exited.
+
+    Ray reports the actor dead (ActorDiedError) about 30 ms before its process exits, and
+    workers talk over their own sockets, so a step started in that window can still
+    complete on the dying process: waiting on Ray's view alone made kill tests flaky.
+    """
+    import ray
+
+    pid = ray.get(actor.__ray_call__.remote(lambda _self: os.getpid()), timeout=timeout)
+    ray.kill(actor, no_restart=no_restart)
+    deadline = time.monotonic() + timeout
+    while not _process_gone(pid):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"worker process {pid} still runs {timeout:g}s after ray.kill")
+        time.sleep(0.005)
 
 
 @pytest.fixture(scope="session")

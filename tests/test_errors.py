@@ -10,6 +10,7 @@ import torch
 
 import actorgrad as ag
 from actorgrad import errors as E
+from conftest import kill_worker
 
 
 class Boom(torch.nn.Module):
@@ -298,25 +299,6 @@ class SlowBackwardLinear(ag.Module):
         return super().backward(inputs, outputs, grad_outputs)
 
 
-def kill_and_wait(actor) -> None:
-    """ray.kill returns before the process is gone: wait until the actor answers no more."""
-    import ray
-
-    from ray.exceptions import GetTimeoutError, RayActorError
-
-    ray.kill(actor)
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        try:
-            ray.get(actor.ping.remote(), timeout=2)
-        except RayActorError:
-            return
-        except GetTimeoutError:
-            pass  # a loaded machine: slow is not dead
-        time.sleep(0.1)
-    raise AssertionError("the actor did not die")
-
-
 @pytest.fixture
 def ray_backend(ray_session):
     ray_session()
@@ -330,7 +312,7 @@ def test_a_dead_worker_fails_the_waits_on_it_and_the_others_stay_usable(ray_back
     victim = ag.spawn(torch.nn.Linear(1, 1), name="victim", optimizer=ag.Optim(torch.optim.SGD, lr=0.1))
     mse(victim(w(torch.randn(4, 3))), torch.randn(4, 1)).backward()
     ag.step()
-    kill_and_wait(victim.actor)
+    kill_worker(victim.actor)
     start = time.monotonic()
     with pytest.raises(E.WorkerDied) as info:
         mse(victim(w(torch.randn(4, 3))), torch.randn(4, 1)).backward()
@@ -347,7 +329,7 @@ def test_a_worker_killed_mid_backward_fails_the_step_naming_it(ray_backend):
     ag.step()
     mse(w(slow(torch.randn(4, 3))), torch.randn(4, 1)).backward()
     time.sleep(0.8)  # slow is now inside its backward
-    kill_and_wait(slow.actor)
+    kill_worker(slow.actor)
     with pytest.raises(E.WorkerDied) as info:
         ag.step()
     assert info.value.worker == "slow"

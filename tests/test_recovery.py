@@ -12,6 +12,7 @@ import torch
 
 import actorgrad as ag
 from actorgrad import errors as E
+from conftest import kill_worker
 
 STEPS = 9
 EVERY = 3
@@ -136,8 +137,6 @@ def test_kill_mid_step_recovers_exactly(recovering, where):
 
 
 def test_kill_between_steps_then_train_replays(recovering):
-    import ray
-
     marker = str(recovering / "unused")
     workers, step_fn = spawn_all(marker, "nowhere")
     want = oracle(marker)
@@ -147,7 +146,7 @@ def test_kill_between_steps_then_train_replays(recovering):
     def fn(s: int) -> None:
         if s == 8 and not killed:
             # Between steps 7 and 8: Ray restarts the process (max_restarts from ag.init).
-            ray.kill(head.actor, no_restart=False)
+            kill_worker(head.actor, no_restart=False)
             killed.append(s)
         step_fn(s)
 
@@ -161,15 +160,13 @@ def test_kill_between_steps_then_train_replays(recovering):
 
 
 def test_kill_without_recovery_names_worker_and_others_stay_usable(ray_session):
-    import ray
-
     ray_session()
     ag.init(backend="ray", timeout=60)
     try:
         workers, step_fn = spawn_all("/nonexistent", "nowhere")
         step_fn(1)
         ag.step()
-        ray.kill(workers[2].actor)
+        kill_worker(workers[2].actor)
         t0 = time.monotonic()
         with pytest.raises(E.WorkerDied) as info:
             step_fn(2)
