@@ -38,6 +38,22 @@ def _process_gone(pid: int) -> bool:
         return True
 
 
+def worker_pid(actor, timeout: float = 60.0) -> int:
+    """The process id of a Ray worker."""
+    import ray
+
+    return ray.get(actor.__ray_call__.remote(lambda _self: os.getpid()), timeout=timeout)
+
+
+def wait_process_gone(pid: int, timeout: float = 60.0) -> None:
+    """Return once the process has exited (a zombie counts as exited)."""
+    deadline = time.monotonic() + timeout
+    while not _process_gone(pid):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"process {pid} still runs after {timeout:g}s")
+        time.sleep(0.005)
+
+
 def kill_worker(actor, no_restart: bool = True, timeout: float = 60.0) -> None:
     """Kill a worker's process with ray.kill and return once the process has really exited.
 
@@ -47,13 +63,9 @@ def kill_worker(actor, no_restart: bool = True, timeout: float = 60.0) -> None:
     """
     import ray
 
-    pid = ray.get(actor.__ray_call__.remote(lambda _self: os.getpid()), timeout=timeout)
+    pid = worker_pid(actor, timeout)
     ray.kill(actor, no_restart=no_restart)
-    deadline = time.monotonic() + timeout
-    while not _process_gone(pid):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"worker process {pid} still runs {timeout:g}s after ray.kill")
-        time.sleep(0.005)
+    wait_process_gone(pid, timeout)
 
 
 @pytest.fixture(scope="session")

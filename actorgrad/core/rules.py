@@ -105,7 +105,6 @@ class Updater:
         self.scheduler = scheduler
         self.weights_version = weights_version
         self.version = 0  # number of updates applied; names a weight version
-        self.last_grad_norm: Optional[float] = None  # of the last gradient applied
         self.records: dict[int, StepMetrics] = {}
         self.last_closed: Optional[int] = None
 
@@ -171,7 +170,6 @@ class Updater:
             for p in params.values():
                 p.grad = None
         self.version += 1  # the weights changed, even if the schedule below raises
-        self.last_grad_norm = norm
         rec = self.records.setdefault(step, StepMetrics())
         rec.updates += 1
         rec.grad_norm = norm

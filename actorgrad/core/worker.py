@@ -175,7 +175,6 @@ class StepState:
     applied: bool = False  # an update landed during the step (rules "pass", callables)
     ready: bool = False  # answered its Close: every call and pass of the step is done here
     commit: bool = False  # the caller said every worker is ready: apply
-    grad_norm: Optional[float] = None  # of the last gradient applied in the step
     close_since: float = 0.0  # when its Close arrived
 
 
@@ -711,7 +710,6 @@ class WorkerCore:
         st = self._step(ps.step)
         if applied:
             st.applied = True
-            st.grad_norm = self.updater.last_grad_norm
         ps.arrived.clear()
         ps.param_grads = {}
         self._ack(ps.req, {"worker": self.name, "calls": len(ps.done_calls), "applied": applied})

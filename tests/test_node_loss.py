@@ -1,0 +1,150 @@
+"""Node loss on a Ray cluster (ray.cluster_utils.Cluster, several nodes on one machine).
+
+A node holding a worker is removed while training. With recovery on, Ray restarts the worker
+on a replacement node, every worker is restored to the last checkpoint and ``ag.train`` replays
+the lost steps: the final parameters equal an uninterrupted plain-PyTorch run. Without a node
+that can host the worker, the wait fails with ``WorkerDied`` naming it (not recovered).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import pytest
+import torch
+
+import actorgrad as ag
+from actorgrad import errors as E
+
+from conftest import ray_init_args, wait_process_gone, worker_pid
+
+STEPS = 8
+EVERY = 3
+
+
+def batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(500 + step)
+    return torch.randn(16, 4, generator=g), torch.randn(16, 1, generator=g)
+
+
+def modules():
+    torch.manual_seed(3)
+    return torch.nn.Linear(4, 8), torch.nn.Linear(8, 8), torch.nn.Linear(8, 1)
+
+
+def oracle() -> list[torch.Tensor]:
+    enc, mid, head = modules()
+    opts = [torch.optim.SGD(enc.parameters(), lr=0.05, momentum=0.9), torch.optim.Adam(mid.parameters(), lr=0.01),
+            torch.optim.Adam(head.parameters(), lr=0.01)]
+    for s in range(1, STEPS + 1):
+        x, y = batch(s)
+        loss = torch.nn.functional.mse_loss(head(torch.tanh(mid(enc(x)))), y)
+        for o in opts:
+            o.zero_grad()
+        loss.backward()
+        for o in opts:
+            o.step()
+    return [p.detach().clone() for m in (enc, mid, head) for p in m.parameters()]
+
+
+@pytest.fixture
+def cluster(tmp_path):
+    """A head node (every worker but 'mid') and one node with the 'spot' resource that 'mid' needs."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    if ray.is_initialized():
+        ray.shutdown()
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "resources": {"home": 8}})
+    spot = c.add_node(num_cpus=1, resources={"spot": 1})
+    c.wait_for_nodes()
+    args = ray_init_args()
+    args.pop("num_cpus")
+    args["address"] = c.address
+    ray.init(**args)
+    try:
+        yield c, spot
+    finally:
+        ag.shutdown()
+        ray.shutdown()
+        c.shutdown()
+
+
+def node_of(name: str, timeout: float = 60) -> str:
+    """The node id of a live worker, from Ray's state API."""
+    from ray.util.state import list_actors
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for a in list_actors(filters=[("state", "=", "ALIVE")], limit=1000):
+            if a.name == name:
+                return a.node_id
+        time.sleep(0.5)
+    raise AssertionError(f"worker '{name}' is not alive")
+
+
+def spawn_all():
+    enc, mid, head = modules()
+    home = {"home": 1}
+    w_enc = ag.spawn(enc, name="enc", resources=home, optimizer=ag.Optim(torch.optim.SGD, lr=0.05, momentum=0.9))
+    w_mid = ag.spawn(mid, name="mid", resources={"spot": 1}, optimizer=ag.Optim(torch.optim.Adam, lr=0.01))
+    act = ag.spawn(torch.nn.Tanh(), name="act", resources=home)
+    w_head = ag.spawn(head, name="head", resources=home, optimizer=ag.Optim(torch.optim.Adam, lr=0.01))
+    mse = ag.spawn(torch.nn.MSELoss(), name="mse", resources=home)
+
+    def step_fn(s: int) -> None:
+        x, y = batch(s)
+        mse(w_head(act(w_mid(w_enc(x)))), y).backward()
+
+    return (w_enc, w_mid, w_head), step_fn
+
+
+def params(workers) -> list[torch.Tensor]:
+    return [v for w in workers for v in w.state_dict().values()]
+
+
+def test_node_lost_mid_training_recovers_on_a_replacement_node_exactly(cluster, tmp_path, caplog):
+    caplog.set_level(logging.WARNING, logger="actorgrad")
+    c, spot = cluster
+    ag.init(backend="ray", timeout=120, recover=True, checkpoint_every=EVERY, checkpoint_dir=str(tmp_path / "ck"))
+    workers, step_fn = spawn_all()
+    first_node = node_of("mid")
+    pid = worker_pid(workers[1].actor)
+    lost = []
+
+    def fn(s: int) -> None:
+        if s == 5 and not lost:
+            # The node goes away between steps 4 and 5 and the cluster brings up a replacement
+            # (what an autoscaler does); Ray restarts 'mid' there.
+            c.remove_node(spot, allow_graceful=False)
+            wait_process_gone(pid)  # removing a node returns before its processes have exited
+            lost.append(c.add_node(num_cpus=1, resources={"spot": 1}))
+        step_fn(s)
+
+    reports = ag.train(fn, STEPS)
+    assert lost and [r.step for r in reports] == list(range(1, STEPS + 1))
+    assert sum("recovered: every worker restored to step 3" in r.getMessage() for r in caplog.records) == 1
+    for got, want in zip(params(workers), oracle(), strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    assert node_of("mid") != first_node
+    x, _ = batch(99)
+    assert workers[0](x).value().shape == (16, 8)  # the runtime stays usable
+
+
+def test_node_lost_without_replacement_names_the_worker_and_is_not_recovered(cluster, tmp_path):
+    c, spot = cluster
+    ag.init(backend="ray", timeout=15, recover=True, checkpoint_every=EVERY, checkpoint_dir=str(tmp_path / "ck"))
+    workers, step_fn = spawn_all()
+    step_fn(1)
+    ag.step()
+    pid = worker_pid(workers[1].actor)
+    c.remove_node(spot, allow_graceful=False)
+    wait_process_gone(pid)  # removing a node returns before its processes have exited
+    t0 = time.monotonic()
+    with pytest.raises(E.WorkerDied) as info:
+        step_fn(2)
+        ag.step()
+    assert info.value.worker == "mid" and not info.value.recovered
+    assert "mid" in str(info.value)
+    assert time.monotonic() - t0 < 15 + 30  # the runtime's deadline, plus the failure's own detection
