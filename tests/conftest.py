@@ -7,6 +7,7 @@ running) and every test gets a fresh actorgrad runtime on it.
 from __future__ import annotations
 
 import os
+import socket
 import sys
 import time
 
@@ -28,6 +29,13 @@ def ray_init_args() -> dict:
         "logging_level": "ERROR",
         "runtime_env": {"env_vars": {"PYTHONPATH": os.pathsep.join(paths)}},
     }
+
+
+def free_port() -> int:
+    """A TCP port that nothing listens on now (for a test cluster's dashboard)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def _process_gone(pid: int) -> bool:

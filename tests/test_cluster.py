@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import os
-import socket
 import time
 
 import pytest
@@ -13,15 +12,9 @@ import torch
 import actorgrad as ag
 from actorgrad import errors as E
 
-from conftest import ray_init_args
+from conftest import free_port, ray_init_args
 
 NODES = ("node_a", "node_b", "node_c")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +26,7 @@ def cluster():
     if ray.is_initialized():
         ray.shutdown()
     c = Cluster(initialize_head=True, head_node_args={
-        "num_cpus": 1, "resources": {"node_a": 4}, "include_dashboard": True, "dashboard_port": _free_port()})
+        "num_cpus": 1, "resources": {"node_a": 4}, "include_dashboard": True, "dashboard_port": free_port()})
     c.add_node(num_cpus=1, resources={"node_b": 4})
     c.add_node(num_cpus=1, resources={"node_c": 4})
     c.wait_for_nodes()

@@ -17,7 +17,7 @@ import torch
 import actorgrad as ag
 from actorgrad import errors as E
 
-from conftest import ray_init_args, wait_process_gone, worker_pid
+from conftest import free_port, ray_init_args, wait_process_gone, worker_pid
 
 STEPS = 8
 EVERY = 3
@@ -56,7 +56,8 @@ def cluster(tmp_path):
 
     if ray.is_initialized():
         ray.shutdown()
-    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "resources": {"home": 8}})
+    c = Cluster(initialize_head=True, head_node_args={
+        "num_cpus": 2, "resources": {"home": 8}, "include_dashboard": True, "dashboard_port": free_port()})
     spot = c.add_node(num_cpus=1, resources={"spot": 1})
     c.wait_for_nodes()
     args = ray_init_args()
