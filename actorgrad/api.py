@@ -137,7 +137,7 @@ def train(step_fn: Callable[[int], Any], steps: int, *, timeout: Optional[float]
                         s, err.message, err.replay, err.restored_step)
             continue
         reports[rep.step] = rep
-    return [reports[k] for k in sorted(reports) if k <= steps]
+    return [reports[k] for k in sorted(reports)]  # a replayed step's report replaced the lost one
 
 
 def backward(*nodes: Union[Node, Sequence[Node]], gradients: Optional[Sequence[Any]] = None) -> Pass:
@@ -204,11 +204,7 @@ def graph(path: Optional[Union[str, os.PathLike]] = None, *, step: Optional[int]
     """
     from . import viz
 
-    rt = _current()
-    rt.poll()
-    with rt._lock:
-        snap = viz.from_runtime(rt, step)
-    dot = snap.to_dot()
+    dot = _current().graph_of(step).to_dot()
     if path is not None:
         viz.write(dot, path)
     return dot

@@ -8,7 +8,7 @@ pickled.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 __all__ = [
     "ActorgradError",
@@ -110,7 +110,7 @@ class WorkerDied(ActorgradError, RuntimeError):
 
     recovered: bool = False
     restored_step: int | None = None
-    replay: list[int] = []
+    replay: Sequence[int] = ()  # immutable default: a list here would be shared by every instance
 
 
 class DeadlineExceeded(ActorgradError, TimeoutError):

@@ -168,12 +168,13 @@ class WorkerReport:
     def from_dict(cls, name: str, d: dict[str, Any]) -> "WorkerReport":
         """Build from the report a worker sends when it is ready to close a step."""
         return cls(name=name, calls=int(d["calls"]), passes=int(d["passes"]), applied=bool(d["applied"]),
-                   grad_norm=d.get("grad_norm"), version=int(d["version"])).merged(d)
+                   grad_norm=None, version=int(d["version"])).merged(d)
 
     def merged(self, d: dict[str, Any]) -> "WorkerReport":
-        """This report with the update metrics of ``d`` (a worker's report of its updates)."""
-        lrs = tuple(float(x) for x in (d.get("lr") or ()))
-        staleness = d.get("staleness")
+        """This report with the update metrics of ``d`` (a worker's report of its updates); a key
+        that ``d`` lacks keeps this report's value."""
+        lrs = tuple(float(x) for x in (d["lr"] or ())) if "lr" in d else self.lrs
+        staleness = d.get("staleness", self.staleness)
         return replace(
             self, applied=bool(d.get("applied", self.applied)), version=int(d.get("version", self.version)),
             updates=int(d.get("updates", self.updates)), grad_norm=d.get("grad_norm", self.grad_norm),
@@ -184,11 +185,11 @@ class WorkerReport:
     def __str__(self) -> str:
         parts = [f"calls={self.calls}", f"passes={self.passes}", f"updates={self.updates}"]
         if self.grad_norm is not None:
-            parts.append(f"grad_norm={self.grad_norm:.4g}" + (" (clipped)" if self.clipped else ""))
+            parts.append(f"grad_norm={_num(self.grad_norm)}" + (" (clipped)" if self.clipped else ""))
         if self.update_norm is not None:
-            parts.append(f"update_norm={self.update_norm:.4g}")
+            parts.append(f"update_norm={_num(self.update_norm)}")
         if self.lr is not None:
-            parts.append(f"lr={self.lr:.4g}")
+            parts.append(f"lr={_num(self.lr)}")
         if self.staleness is not None:
             parts.append(f"staleness={self.staleness}")
         return f"{self.name}: " + ", ".join(parts)

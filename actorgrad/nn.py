@@ -28,17 +28,6 @@ InputGrads = list[Optional[torch.Tensor]]
 ParamGrads = dict[str, torch.Tensor]
 
 
-def _param_vjp(
-    output: torch.Tensor, grad: torch.Tensor, params: dict[str, torch.Tensor], prefix: str = ""
-) -> ParamGrads:
-    """d<output, grad>/d(params) by autograd, for the parameters that require grad; names get ``prefix``."""
-    names = [n for n, p in params.items() if p.requires_grad]
-    if not names or not output.requires_grad:
-        return {}
-    grads = torch.autograd.grad(output, [params[n] for n in names], grad, retain_graph=True, allow_unused=True)
-    return {prefix + n: g for n, g in zip(names, grads) if g is not None}
-
-
 class FeedbackAlignment(Module, torch.nn.Linear):
     """A linear layer ``y = x W^T + b`` trained by feedback alignment (Lillicrap et al. 2016).
 
@@ -74,7 +63,7 @@ class FeedbackAlignment(Module, torch.nn.Linear):
             return [None] * len(inputs), {}
         # Autograd over the call's own parameters (stashed ones when stale) rather than g^T x by
         # hand: the input may be a constant, which the worker does not hand to backward.
-        params = _param_vjp(outputs[0], g, self.call_parameters())
+        _, params = default_vjp([], [outputs[0]], [g], self.call_parameters())
         feedback = self.feedback.to(device=g.device, dtype=g.dtype)
         input_grads = [g.matmul(feedback).to(x.dtype) if x.requires_grad else None for x in inputs]
         return input_grads, params
@@ -250,9 +239,8 @@ class SyntheticGradient(Module):
             pred = functional_call(self.predictor, own, (h.detach(),))
             loss = self.loss(pred, g_true.detach().to(pred.dtype))
         self.sg_loss.fill_(float(loss.detach()))
-        if not loss.requires_grad:
-            return {}
-        return _param_vjp(loss, torch.ones_like(loss), own, prefix)
+        _, grads = default_vjp([], [loss], [torch.ones_like(loss)], own)
+        return {prefix + n: g for n, g in grads.items()}
 
     def optim(self, cls: type[torch.optim.Optimizer], *, predictor: Optional[dict] = None, **kwargs: Any) -> Optim:
         """``ag.Optim(cls, **kwargs)`` with the predictor's parameters in their own group, with ``predictor`` options."""

@@ -71,9 +71,15 @@ class Schedule:
                     inner.check(worker)
 
     def build(self, optimizer: torch.optim.Optimizer, worker: str) -> LRScheduler:
-        """Build the scheduler over ``optimizer`` (which it steps from then on)."""
-        kwargs = {k: _build_nested(v, optimizer, worker) for k, v in self.kwargs.items()}
-        sched = self.cls(optimizer, **kwargs)
+        """Build the scheduler over ``optimizer`` (which it steps from then on); ConfigError if it cannot be."""
+        try:
+            kwargs = {k: _build_nested(v, optimizer, worker) for k, v in self.kwargs.items()}
+            sched = self.cls(optimizer, **kwargs)
+        except ConfigError:
+            raise
+        except Exception as exc:
+            raise ConfigError(f"the schedule {self!r} could not be built: {type(exc).__name__}: {exc}",
+                              worker=worker) from None
         if not isinstance(sched, LRScheduler):
             raise ConfigError(f"the schedule callable returned {type(sched).__name__}, not a "
                               "torch.optim.lr_scheduler.LRScheduler", worker=worker)
@@ -159,13 +165,7 @@ class Optim:
         except Exception as exc:  # the optimizer may need real parameters (devices, fused kernels): the worker checks
             log.debug("%s: optimizer not trial-built in the caller: %s", worker, exc)
             return
-        try:
-            self.schedule.build(opt, worker)
-        except ConfigError:
-            raise
-        except Exception as exc:
-            raise ConfigError(f"the schedule {self.schedule!r} could not be built: {type(exc).__name__}: {exc}",
-                              worker=worker) from None
+        self.schedule.build(opt, worker)
 
     def options(self) -> "UpdateOptions":
         """What the worker applies around each optimizer step."""
@@ -236,10 +236,4 @@ def build_schedule(options: UpdateOptions, optimizer: torch.optim.Optimizer | No
     """Build the worker's LR scheduler over its optimizer, if its recipe has one."""
     if options.schedule is None or optimizer is None:
         return None
-    try:
-        return options.schedule.build(optimizer, worker)
-    except ConfigError:
-        raise
-    except Exception as exc:
-        raise ConfigError(f"the schedule {options.schedule!r} could not be built: {type(exc).__name__}: {exc}",
-                          worker=worker) from None
+    return options.schedule.build(optimizer, worker)

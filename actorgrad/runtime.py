@@ -545,8 +545,7 @@ class Runtime:
         if self.step.error is not None and self.step.delivered:
             self.graph.drop_step(self.step.id)
             self.step = self._open_step(self.step.id + 1)
-        if self.recovery is not None and not self.step.participants():
-            self._auto_checkpoint()
+        self._auto_checkpoint()
         return self.step
 
     def track(self, node: Node) -> None:
@@ -746,9 +745,8 @@ class Runtime:
             self._check_open()
             self._drain()
             step = self.step
-            known = self.graph.calls
             if step.calls:  # an empty step keeps the previous picture
-                self.last_graph = (step, [known[c] for cs in step.calls.values() for c in cs if c in known])
+                self.last_graph = (step, self.step_calls(step))
             if step.error is not None:
                 self.step = self._open_step(step.id + 1)
                 self.graph.drop_step(step.id)
@@ -774,9 +772,21 @@ class Runtime:
                 if earlier is not step:
                     self.wait_step(earlier, timeout)
             report = self.wait_step(step, timeout)
-            if self.recovery is not None and not self.step.participants():
-                self._auto_checkpoint()
+            self._auto_checkpoint()
             return report
+
+    def step_calls(self, step: StepRecord) -> list[CallRecord]:
+        """The call records of ``step`` that the graph still holds, worker by worker in call order."""
+        known = self.graph.calls
+        return [known[c] for cs in step.calls.values() for c in cs if c in known]
+
+    def graph_of(self, step: Optional[int] = None) -> Any:
+        """A snapshot (viz.StepGraph) of the worker graph of the last closed step, the current one, or ``step``."""
+        from . import viz
+
+        with self._lock:
+            self._drain()
+            return viz.from_runtime(self, step)
 
     def wait_step(self, step: StepRecord, timeout: Optional[float]) -> StepReport:
         """Wait until every worker has applied a closed step's update."""
@@ -874,9 +884,9 @@ class Runtime:
         log.info("recovery on: a checkpoint every %d steps in %s", checkpoint_every, directory)
 
     def _auto_checkpoint(self) -> None:
-        """Take the periodic checkpoint when it is due (the current step has no calls yet)."""
+        """Take the periodic checkpoint when it is due and the current step has no calls yet."""
         rec = self.recovery
-        if rec is None or self._recovering or not self.workers:
+        if rec is None or self._recovering or not self.workers or self.step.calls or self.step.pass_workers:
             return
         if any(not w.placed for w in self.workers.values()):
             return
@@ -911,11 +921,7 @@ class Runtime:
             self._epoch += 1
             self.transport.reset(self._epoch, self.timeout)
             self._pending.clear()
-            while True:
-                try:
-                    self._events.get_nowait()
-                except queue.Empty:
-                    break
+            self._drain()  # replies still queued are of the old epoch: _complete ignores them
             self._seq = {}
             self.graph = Graph()
             for old in self._steps.values():

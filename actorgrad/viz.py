@@ -17,6 +17,7 @@ import os
 import shutil
 import subprocess
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any, Iterable, Mapping, Optional, Union
 
 from . import errors as E
@@ -93,30 +94,60 @@ class StepGraph:
     closed: bool = True
     error: Optional[str] = None  # why the step failed, if it did
 
-    def calls_of(self, worker: str) -> list[CallView]:
-        """The calls of one worker in this step, in order."""
-        return [c for c in self.calls if c.worker == worker]
+    # Derived lookups, computed once per graph. A frozen dataclass without __slots__ still has an
+    # instance __dict__, which is where cached_property stores its value (bypassing __setattr__).
 
-    def losses(self) -> list[tuple[PassView, ...]]:
-        """Passes grouped as drawn: passes seeded in the same workers that reach the same workers are one loss."""
+    @cached_property
+    def _by_id(self) -> dict[int, CallView]:
+        """Calls by id."""
+        return {c.id: c for c in self.calls}
+
+    @cached_property
+    def _by_worker(self) -> dict[str, tuple[CallView, ...]]:
+        """Per worker, its calls in order."""
+        acc: dict[str, list[CallView]] = {}
+        for c in self.calls:
+            acc.setdefault(c.worker, []).append(c)
+        return {w: tuple(cs) for w, cs in acc.items()}
+
+    @cached_property
+    def _call_index(self) -> dict[CallView, int]:
+        """Each call's position among its worker's calls (the first, for equal calls, as list.index)."""
+        out: dict[CallView, int] = {}
+        for cs in self._by_worker.values():
+            for i, c in enumerate(cs):
+                out.setdefault(c, i)
+        return out
+
+    @cached_property
+    def _loss_groups(self) -> tuple[tuple[PassView, ...], ...]:
+        """The groups of ``losses()``."""
         groups: dict[tuple[tuple[str, ...], tuple[str, ...]], list[PassView]] = {}
-        by_id = {c.id: c for c in self.calls}
+        by_id = self._by_id
         for p in self.passes:
             seeded = tuple(sorted({by_id[c].worker for c, _ in p.seeds if c in by_id}))
             groups.setdefault((seeded, tuple(sorted(p.workers))), []).append(p)
-        return [tuple(g) for g in groups.values()]
+        return tuple(tuple(g) for g in groups.values())
+
+    def calls_of(self, worker: str) -> list[CallView]:
+        """The calls of one worker in this step, in order."""
+        return list(self._by_worker.get(worker, ()))
+
+    def losses(self) -> list[tuple[PassView, ...]]:
+        """Passes grouped as drawn: passes seeded in the same workers that reach the same workers are one loss."""
+        return list(self._loss_groups)
 
     def reached_by(self) -> dict[str, list[int]]:
         """Per worker, the indices (into ``losses()``) of the losses whose gradients reach it."""
         out: dict[str, list[int]] = {w.name: [] for w in self.workers}
-        for i, group in enumerate(self.losses()):
+        for i, group in enumerate(self._loss_groups):
             for w in sorted({w for p in group for w in p.workers}):
                 out.setdefault(w, []).append(i)
         return out
 
     def _pass_calls(self, p: PassView) -> set[int]:
         """Calls on a gradient path to one of the pass's seeds (the calls whose inputs get gradients)."""
-        by_id = {c.id: c for c in self.calls}
+        by_id = self._by_id
         seen: set[int] = set()
         stack = [c for c, _ in p.seeds]
         while stack:
@@ -129,8 +160,8 @@ class StepGraph:
 
     def edges(self) -> list[EdgeView]:
         """One edge per (producer worker, consumer worker, kind), in order of first use."""
-        by_id = {c.id: c for c in self.calls}
-        losses = self.losses()
+        by_id = self._by_id
+        losses = self._loss_groups
         loss_of = {p.id: i for i, group in enumerate(losses) for p in group}
         on_path = {p.id: self._pass_calls(p) for p in self.passes}
         acc: dict[tuple[str, str, str], dict[str, set]] = {}
@@ -156,7 +187,7 @@ class StepGraph:
 
     def to_dot(self) -> str:
         """The graph as Graphviz DOT source."""
-        losses = self.losses()
+        losses = self._loss_groups
         reached = self.reached_by()
         names = {w.name for w in self.workers}
         lines = [
@@ -188,7 +219,7 @@ class StepGraph:
             else:
                 attrs += ["style=dotted", f"color={_q(_CUT_EDGE)}", f"fontcolor={_q(_CUT_EDGE)}"]
             lines.append(f"  {_q(e.producer)} -> {_q(e.consumer)} [{', '.join(attrs)}];")
-        by_id = {c.id: c for c in self.calls}
+        by_id = self._by_id
         for i, group in enumerate(losses):
             seeded: dict[str, int] = {}
             for p in group:
@@ -213,7 +244,7 @@ class StepGraph:
 
     def _worker_label(self, w: WorkerView, losses: list[int]) -> str:
         """An HTML-like label: name, module and optimizer, update rule, calls, then one cell per loss."""
-        calls = self.calls_of(w.name)
+        calls = self._by_worker.get(w.name, ())
         unsaved = sum(not c.saved for c in calls)
         count = f"{len(calls)} call{'s' * (len(calls) != 1)}" + (f" ({unsaved} no_grad)" if unsaved else "")
         span = max(1, len(losses))
@@ -235,7 +266,7 @@ class StepGraph:
                 f"{body}<TR>{cells}</TR></TABLE>")
 
     def _loss_label(self, i: int, group: tuple[PassView, ...]) -> str:
-        by_id = {c.id: c for c in self.calls}
+        by_id = self._by_id
         seeds = [(c, o) for p in group for c, o in p.seeds]
         if len(group) == 1:
             which = f"pass {group[0].id}"
@@ -254,8 +285,8 @@ class StepGraph:
         return f"loss {i + 1}\n{which}\n{where}"
 
     def _call_name(self, call: CallView, out: int) -> str:
-        mine = self.calls_of(call.worker)
-        name = call.worker if len(mine) == 1 else f"{call.worker} #{mine.index(call) + 1}"
+        mine = self._by_worker.get(call.worker, ())
+        name = call.worker if len(mine) == 1 else f"{call.worker} #{self._call_index[call] + 1}"
         return name if call.shapes is None or len(call.shapes) <= 1 else f"{name} out {out}"
 
 
@@ -344,30 +375,22 @@ def snapshot(step: Any, calls: Iterable[Any], workers: Mapping[str, Any], *, clo
 def from_runtime(rt: Any, step: Optional[int] = None) -> StepGraph:
     """The graph of the last closed step (or of the current one, before any step closed), or of ``step``.
 
-    Call with the runtime's lock held.
+    Call with the runtime's lock held (``Runtime.graph_of`` does).
     """
     last = rt.last_graph
     current = rt.step
-    if step is None:
-        if last is not None:
-            return snapshot(last[0], last[1], rt.workers, closed=True)
-        if current.calls:
-            return snapshot(current, _calls_of(rt, current), rt.workers, closed=False)
-        raise E.ConfigError("nothing to draw yet: no step has calls; call some workers (and backward) first")
-    if last is not None and last[0].id == step:
+    # Without ``step``, the last closed step wins over the current one.
+    if last is not None and step in (None, last[0].id):
         return snapshot(last[0], last[1], rt.workers, closed=True)
-    if current.id == step and current.calls:
-        return snapshot(current, _calls_of(rt, current), rt.workers, closed=False)
+    if current.calls and step in (None, current.id):
+        return snapshot(current, rt.step_calls(current), rt.workers, closed=False)
+    if step is None:
+        raise E.ConfigError("nothing to draw yet: no step has calls; call some workers (and backward) first")
     have = [f"the last closed step ({last[0].id})"] if last is not None else []
     if current.calls:
         have.append(f"the current step ({current.id})")
     raise E.ConfigError(f"no graph of step {step}: ag.graph keeps " + (" and ".join(have) or "no step yet"),
                         step=step)
-
-
-def _calls_of(rt: Any, step: Any) -> list[Any]:
-    known = rt.graph.calls
-    return [known[c] for cs in step.calls.values() for c in cs if c in known]
 
 
 def write(dot: str, path: Union[str, "os.PathLike[str]"]) -> str:

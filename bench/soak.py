@@ -44,6 +44,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import actorgrad as ag  # noqa: E402
+from actorgrad.core.worker import process_memory  # noqa: E402
 
 log = logging.getLogger("bench.soak")
 
@@ -57,21 +58,6 @@ ZERO_KEYS = ("calls", "saved", "passes", "open_steps", "queued_forwards", "early
              "stashed_versions")
 HELD_KEYS = ZERO_KEYS + ("snapshots", "retained")
 MB = 1024 * 1024
-
-
-def caller_memory() -> dict[str, int]:
-    """This process's resident memory and live torch.Tensor count (the caller's side)."""
-    try:
-        with open("/proc/self/statm") as f:
-            rss = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):  # not Linux: peak RSS is the best there is
-        import resource
-
-        rss = int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
-    # type(), not isinstance(): isinstance reads __class__, which sets off deprecation warnings of
-    # some lazily-imported torch objects.
-    tensors = sum(1 for o in gc.get_objects() if issubclass(type(o), torch.Tensor))
-    return {"rss_bytes": rss, "live_tensors": tensors}
 
 
 def build(hidden: int) -> dict[str, ag.Worker]:
@@ -128,20 +114,21 @@ def _evaluate(w: dict[str, ag.Worker], gen: torch.Generator, batch: int) -> floa
 
 def _sample(w: dict[str, ag.Worker], step: int, backend: str) -> dict[str, Any]:
     # ag.step() returns once every worker is ready; each applies the update (and frees the step)
-    # on the Commit that follows. The stats() round trip to every worker comes after it: all have
-    # done so, and on backend="local", where they share one process, none is still freeing.
-    held = {name: worker.stats() for name, worker in w.items()}
+    # on the Commit that follows, and answers a request only after it. On Ray each memory() round
+    # trip measures its own process after its own Commit. On backend="local" the workers share
+    # one process: the stats() round trip to every worker comes first, so none is still freeing
+    # when the one process-wide scan runs.
+    held = {name: worker.stats() for name, worker in w.items()} if backend == "local" else None
     # Cyclic garbage is not live memory (the caller's request records are freed by the cycle
     # collector): collect it here, which on backend="local" covers the workers too. Ray workers
     # hold no tensors in cycles; their counts are exact without it.
     gc.collect()
-    if backend == "local":
+    if held is not None:
         # One process: one RSS and one tensor count, the same for every worker; one scan is enough.
-        shared = next(iter(w.values())).memory()
-        proc = {k: shared[k] for k in ("rss_bytes", "live_tensors")}
+        proc = process_memory()
         return {"step": step, "workers": {name: {**st, **proc} for name, st in held.items()}, "caller": proc}
     workers = {name: worker.memory() for name, worker in w.items()}
-    return {"step": step, "workers": workers, "caller": caller_memory()}
+    return {"step": step, "workers": workers, "caller": process_memory()}
 
 
 def _slope(points: list[tuple[int, float]]) -> float:
@@ -283,8 +270,8 @@ def markdown(result: dict[str, Any]) -> str:
         f"{os.cpu_count()} cores; torch {torch.__version__}; Python {platform.python_version()}",
         "",
         "Before = first sample after warm-up; after = after the last step. Slope: least squares over the "
-        "samples of the second half. Held at end: calls / saved graphs / passes / open steps / stashed "
-        "weight versions / snapshots / retained values / early messages / pending gradients.",
+        "samples of the second half. Held at end: calls / saved graphs / passes / open steps / queued "
+        "forwards / early messages / pending gradients / stashed weight versions / snapshots / retained values.",
         "",
         "| worker | RSS before (MB) | RSS after (MB) | growth (MB) | RSS slope, 2nd half (KB/1000 steps) "
         "| live tensors before | after | max | held at end |",
@@ -293,8 +280,7 @@ def markdown(result: dict[str, Any]) -> str:
     for name, row in r["summary"].items():
         if "final" in row:
             f = row["final"]
-            held = " / ".join(str(f[k]) for k in ("calls", "saved", "passes", "open_steps", "stashed_versions",
-                                                  "snapshots", "retained", "early_messages", "pending_grads"))
+            held = " / ".join(str(f[k]) for k in HELD_KEYS)
         else:
             held = "(caller)"
         lines.append(

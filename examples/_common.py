@@ -12,10 +12,15 @@ import random
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Optional, Sequence
+from typing import TYPE_CHECKING, Callable, Optional, Sequence
 
 import numpy as np
 import torch
+
+import actorgrad as ag
+
+if TYPE_CHECKING:
+    from tqdm.std import tqdm
 
 __all__ = [
     "Split",
@@ -24,11 +29,14 @@ __all__ = [
     "load_mnist1d_split",
     "epoch_batches",
     "progress",
+    "postfix",
+    "train_on_workers",
     "accuracy",
     "Timer",
     "plot_curves",
     "markdown_table",
     "mlp_blocks",
+    "describe_mlp",
 ]
 
 
@@ -140,12 +148,18 @@ def epoch_batches(n: int, batch_size: int, epochs: int, seed: int, steps: Option
     return out
 
 
-def progress(total: int, desc: str, quiet: bool = False):
+def progress(total: int, desc: str, quiet: bool = False) -> tqdm:
     """A tqdm bar over ``total`` steps; silent with ``quiet`` or when stderr is not a terminal."""
     from tqdm.auto import tqdm
 
     return tqdm(total=total, desc=desc, unit="step", leave=True, dynamic_ncols=True,
                 disable=quiet or not sys.stderr.isatty())
+
+
+def postfix(bar: tqdm, epoch: int, h: History) -> None:
+    """Show the last epoch on the progress bar."""
+    bar.set_postfix(epoch=epoch, loss=f"{h.train_loss[-1]:.3f}", train_acc=f"{h.train_acc[-1]:.3f}",
+                    test_acc=f"{h.test_acc[-1]:.3f}")
 
 
 def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
@@ -168,6 +182,47 @@ class Timer:
         assert self._t0 is not None
         self.seconds += time.perf_counter() - self._t0
         self._t0 = None
+
+
+def train_on_workers(split: Split, batches: Sequence[Sequence[torch.Tensor]], label: str,
+                     train_step: Callable[[torch.Tensor, torch.Tensor], ag.Node],
+                     predict: Callable[[torch.Tensor], ag.Node], quiet: bool = False,
+                     pipelined: bool = False) -> tuple[History, float]:
+    """The training loop of a model on workers; returns its per-epoch curves and its training wall time.
+
+    ``train_step`` issues one step's forward calls and backward passes and returns the node of the loss
+    to report; ``predict`` returns the logits node (it is called under ``ag.no_grad()``). With
+    ``pipelined`` the steps close with ``ag.step(wait=False)``.
+    """
+    x_tr, y_tr = split.x_train, split.y_train
+    history, timer = History(), Timer()
+    with progress(sum(len(b) for b in batches), label, quiet=quiet) as bar:
+        for epoch, idxs in enumerate(batches, 1):
+            losses: list[float] = []
+            with timer:
+                prev: Optional[ag.Node] = None
+                handle = None
+                for idx in idxs:
+                    loss = train_step(x_tr[idx], y_tr[idx])
+                    if prev is not None:
+                        # A closed step's values are freed when the next step closes: fetch before that,
+                        # and only now, so that the fetch overlaps this step's work.
+                        losses.append(prev.item())
+                    if pipelined:
+                        handle = ag.step(wait=False)
+                    else:
+                        ag.step()
+                    prev = loss
+                    bar.update(1)
+                assert prev is not None
+                losses.append(prev.item())
+                if handle is not None:
+                    handle.wait()  # every update of the epoch has landed (steps complete in order)
+            with ag.no_grad():
+                history.add(sum(losses) / len(losses), accuracy(predict(x_tr).value(), y_tr),
+                            accuracy(predict(split.x_test).value(), split.y_test))
+            postfix(bar, epoch, history)
+    return history, timer.seconds
 
 
 def plot_curves(histories: dict[str, History], path: str, title: str, wide: Sequence[str] = ()) -> str:
@@ -232,3 +287,6 @@ def mlp_blocks(features: int, hidden: int, depth: int, classes: int, seed: int,
     return blocks, head
 
 
+def describe_mlp(features: int, hidden: int, depth: int, classes: int) -> str:
+    """The layer widths of the MLP ``mlp_blocks`` builds, e.g. ``MLP 64-128-128-10``."""
+    return f"MLP {features}-{'-'.join([str(hidden)] * depth)}-{classes}"

@@ -25,8 +25,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # _common, when imported from elsewhere
 
 import actorgrad as ag  # noqa: E402
-from _common import History, Timer, accuracy, epoch_batches, load_digits_split, markdown_table, mlp_blocks  # noqa: E402
-from _common import plot_curves, progress  # noqa: E402
+from _common import describe_mlp, epoch_batches, load_digits_split, markdown_table, mlp_blocks  # noqa: E402
+from _common import plot_curves, train_on_workers  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -76,25 +76,13 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                 h = w(h)
             return h
 
-        def evaluate(x: torch.Tensor, y: torch.Tensor) -> float:
-            with ag.no_grad():
-                return accuracy(forward(x).value(), y)
+        def train_step(x: torch.Tensor, y: torch.Tensor) -> ag.Node:
+            loss = loss_fn(forward(x), y)
+            loss.backward()
+            return loss
 
-        history, timer = History(), Timer()
-        with progress(steps, f"digits ({args.backend})", quiet=args.tiny) as bar:
-            for epoch, epoch_idx in enumerate(batches, 1):
-                losses = []
-                with timer:
-                    for idx in epoch_idx:
-                        loss = loss_fn(forward(split.x_train[idx]), split.y_train[idx])
-                        loss.backward()
-                        ag.step()
-                        losses.append(loss.item())  # a closed step's values stay until the next step closes
-                        bar.update(1)
-                train_loss = sum(losses) / len(losses)
-                history.add(train_loss, evaluate(split.x_train, split.y_train), evaluate(split.x_test, split.y_test))
-                bar.set_postfix(epoch=epoch, loss=f"{train_loss:.3f}", train_acc=f"{history.train_acc[-1]:.3f}",
-                                test_acc=f"{history.test_acc[-1]:.3f}")
+        history, seconds = train_on_workers(split, batches, f"digits ({args.backend})", train_step, forward,
+                                            quiet=args.tiny)
     finally:
         ag.shutdown()
 
@@ -103,17 +91,16 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                       f"{split.describe()}; Adam lr {args.lr}, batch {args.batch}; backend {args.backend}")
     table = markdown_table(
         ["dataset", "model", "test accuracy", "train accuracy", "epochs", "steps", "training wall time (s)", "backend"],
-        [[split.name, f"MLP {split.features}-{'-'.join([str(args.hidden)] * args.depth)}-{split.classes}, "
-                      f"{args.depth + 2} workers",
+        [[split.name, f"{describe_mlp(split.features, args.hidden, args.depth, split.classes)}, {args.depth + 2} workers",
           f"{history.test_acc[-1]:.4f}", f"{history.train_acc[-1]:.4f}", args.epochs, steps,
-          f"{timer.seconds:.1f}", args.backend]],
+          f"{seconds:.1f}", args.backend]],
         align="llrrrrrl")
     md = os.path.join(args.out, "digits.md")
     with open(md, "w") as f:
         f.write(table)
     print(f"wrote {png} and {md}")
     print(f"test accuracy: {history.test_acc[-1]:.4f}")
-    return {"test_acc": history.test_acc[-1], "history": history, "steps": steps, "seconds": timer.seconds,
+    return {"test_acc": history.test_acc[-1], "history": history, "steps": steps, "seconds": seconds,
             "png": png, "table": md}
 
 

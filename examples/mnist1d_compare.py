@@ -45,7 +45,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # _common, when 
 
 import actorgrad as ag  # noqa: E402
 from _common import History, Split, Timer, accuracy, epoch_batches, load_mnist1d_split, markdown_table  # noqa: E402
-from _common import mlp_blocks, plot_curves, progress  # noqa: E402
+from _common import describe_mlp, mlp_blocks, plot_curves, postfix, progress  # noqa: E402
+from _common import train_on_workers as _train_on_workers  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TOLERANCE = 1e-5  # DESIGN.md, semantics 1: float32 parameters match plain PyTorch to this
@@ -146,12 +147,6 @@ def run_plain(s: Setup) -> Result:
 # --- methods on workers --------------------------------------------------------
 
 
-def postfix(bar, epoch: int, h: History) -> None:
-    """Show the last epoch on the progress bar."""
-    bar.set_postfix(epoch=epoch, loss=f"{h.train_loss[-1]:.3f}", train_acc=f"{h.train_acc[-1]:.3f}",
-                    test_acc=f"{h.test_acc[-1]:.3f}")
-
-
 def ready(workers: Sequence[ag.Worker]) -> None:
     """Wait until every worker is up (its module and optimizer built), so that timing starts with training."""
     for w in workers:
@@ -160,40 +155,8 @@ def ready(workers: Sequence[ag.Worker]) -> None:
 
 def train_on_workers(s: Setup, label: str, train_step: Callable[[torch.Tensor, torch.Tensor], ag.Node],
                      predict: Callable[[torch.Tensor], ag.Node], pipelined: bool = False) -> tuple[History, float]:
-    """The loop every worker method shares; returns its curves and its training wall time.
-
-    ``train_step`` issues one step's forward calls and backward passes and returns the node of the loss
-    to report; ``predict`` returns the logits node (it is called under ``ag.no_grad()``).
-    """
-    x_tr, y_tr = s.split.x_train, s.split.y_train
-    history, timer = History(), Timer()
-    with progress(s.steps, label, quiet=s.args.tiny) as bar:
-        for epoch, idxs in enumerate(s.batches, 1):
-            losses: list[float] = []
-            with timer:
-                prev: Optional[ag.Node] = None
-                handle = None
-                for idx in idxs:
-                    loss = train_step(x_tr[idx], y_tr[idx])
-                    if prev is not None:
-                        # A closed step's values are freed when the next step closes: fetch before that,
-                        # and only now, so that the fetch overlaps this step's work.
-                        losses.append(prev.item())
-                    if pipelined:
-                        handle = ag.step(wait=False)
-                    else:
-                        ag.step()
-                    prev = loss
-                    bar.update(1)
-                assert prev is not None
-                losses.append(prev.item())
-                if handle is not None:
-                    handle.wait()  # every update of the epoch has landed (steps complete in order)
-            with ag.no_grad():
-                history.add(sum(losses) / len(losses), accuracy(predict(x_tr).value(), y_tr),
-                            accuracy(predict(s.split.x_test).value(), s.split.y_test))
-            postfix(bar, epoch, history)
-    return history, timer.seconds
+    """The loop every worker method shares (``_common.train_on_workers`` on this run's data and batches)."""
+    return _train_on_workers(s.split, s.batches, label, train_step, predict, quiet=s.args.tiny, pipelined=pipelined)
 
 
 def run_backprop(s: Setup) -> Result:
@@ -416,7 +379,7 @@ def write_results(args: argparse.Namespace, s: Setup, results: list[Result], dif
             label += f" ({len(notes)})"
         rows.append([label, r.workers or "–", f"{100 * r.test_acc:.1f}%", f"{100 * r.history.train_acc[-1]:.1f}%",
                      f"{r.seconds:.1f}", r.steps, f"{1000 * r.seconds / r.steps:.2f}", exact])
-    model = f"MLP {s.split.features}-{'-'.join([str(args.hidden)] * args.depth)}-{s.split.classes}"
+    model = describe_mlp(s.split.features, args.hidden, args.depth, s.split.classes)
     lines = [
         "# MNIST-1D: backprop through workers and local learning rules\n",
         f"Written by `examples/mnist1d_compare.py{' --tiny' if args.tiny else ''}` "

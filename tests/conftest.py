@@ -76,6 +76,19 @@ def kill_worker(actor, no_restart: bool = True, timeout: float = 60.0) -> None:
     wait_process_gone(pid, timeout)
 
 
+def actor_nodes(names: list[str]) -> dict[str, str]:
+    """Worker name -> node id, from Ray's state API (what `ray list actors` shows)."""
+    from ray.util.state import list_actors
+
+    deadline = time.monotonic() + 30
+    while True:
+        found = {a.name: a.node_id for a in list_actors(filters=[("state", "=", "ALIVE")], limit=1000)
+                 if a.name in names}
+        if len(found) == len(names) or time.monotonic() > deadline:
+            return found
+        time.sleep(0.5)
+
+
 @pytest.fixture(scope="session")
 def ray_session():
     """A local Ray instance shared by the session; (re)started when a test module shut it down."""

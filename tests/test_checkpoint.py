@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import os
+import re
 
 import pytest
 import torch
@@ -121,19 +122,45 @@ def test_checkpoint_of_wrong_shapes_names_the_worker(backend, tmp_path):
     assert enc is not None
 
 
-def test_checkpoint_of_other_options_names_the_option(backend, tmp_path):
-    build()
+# The options the loader requires to match (checkpoint._MUST_MATCH): the checkpoint's "enc" (see
+# build()) has update="step", max_staleness=0 and Adam; the new "enc" differs in one of them.
+OTHER_OPTIONS = [
+    pytest.param({"update": "pass"}, "update='step'", "update='pass'", id="update"),
+    pytest.param({"max_staleness": 1}, "max_staleness=0", "max_staleness=1", id="max_staleness"),
+    pytest.param({"optimizer": ag.Optim(torch.optim.SGD, lr=0.01)}, "optimizer='Adam'", "optimizer='SGD'",
+                 id="optimizer"),
+]
+
+
+@pytest.mark.parametrize("changed, saved_text, running_text", OTHER_OPTIONS)
+def test_checkpoint_of_other_options_names_the_option(backend, tmp_path, changed, saved_text, running_text):
+    workers = build()
+    train(workers, 1, seed=1)
     ag.save(str(tmp_path / "ckpt"))
+    saved = params(workers)
     ag.shutdown()
     ag.init(backend=backend)
-    torch.manual_seed(0)
-    ag.spawn(torch.nn.Linear(4, 6), name="enc", optimizer=ag.Optim(torch.optim.Adam, lr=0.01), update="pass")
-    ag.spawn(torch.nn.Tanh(), name="act")
-    ag.spawn(torch.nn.Linear(6, 1), name="head", optimizer=ag.Optim(torch.optim.SGD, lr=0.05, momentum=0.9))
-    ag.spawn(torch.nn.MSELoss(), name="mse")
-    with pytest.raises(E.CheckpointError) as info:
+    torch.manual_seed(7)  # other weights than the checkpoint's, so that a partial load would show
+    enc_opts = {"optimizer": ag.Optim(torch.optim.Adam, lr=0.01), **changed}
+    workers = (
+        ag.spawn(torch.nn.Linear(4, 6), name="enc", **enc_opts),
+        ag.spawn(torch.nn.Tanh(), name="act"),
+        ag.spawn(torch.nn.Linear(6, 1), name="head", optimizer=ag.Optim(torch.optim.SGD, lr=0.05, momentum=0.9)),
+        ag.spawn(torch.nn.MSELoss(), name="mse"),
+    )
+    before = params(workers)
+    for name in ("enc", "head"):
+        assert not torch.equal(before[name]["weight"], saved[name]["weight"])
+    message = f"the checkpoint was taken with {saved_text} for this worker, but it runs with {running_text}"
+    with pytest.raises(E.CheckpointError, match=re.escape(message)) as info:
         ag.load(str(tmp_path / "ckpt"))
-    assert info.value.worker == "enc" and "update" in str(info.value)
+    assert info.value.worker == "enc"
+    after = params(workers)
+    assert after.keys() == before.keys()
+    for name in before:
+        assert after[name].keys() == before[name].keys()
+        for k in before[name]:
+            assert torch.equal(after[name][k], before[name][k]), (name, k)
 
 
 def test_stale_pipeline_resumes_exactly(backend, tmp_path):

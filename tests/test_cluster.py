@@ -12,7 +12,7 @@ import torch
 import actorgrad as ag
 from actorgrad import errors as E
 
-from conftest import free_port, ray_init_args
+from conftest import actor_nodes, free_port, ray_init_args
 
 NODES = ("node_a", "node_b", "node_c")
 
@@ -50,19 +50,6 @@ def cluster_rt(cluster):
     ag.init(backend="ray", timeout=90)
     yield cluster
     ag.shutdown()
-
-
-def actor_nodes(names: list[str]) -> dict[str, str]:
-    """Worker name -> node id, from Ray's state API (what `ray list actors` shows)."""
-    from ray.util.state import list_actors
-
-    deadline = time.monotonic() + 30
-    while True:
-        found = {a.name: a.node_id for a in list_actors(filters=[("state", "=", "ALIVE")], limit=1000)
-                 if a.name in names}
-        if len(found) == len(names) or time.monotonic() > deadline:
-            return found
-        time.sleep(0.5)
 
 
 class TanhLinear(torch.nn.Linear):

@@ -10,7 +10,6 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -345,7 +344,7 @@ def test_png_and_svg_with_graphviz(local, tmp_path):
     assert "<svg" in (tmp_path / "g.svg").read_text()
 
 
-def test_optimizer_descriptions():
+def test_optimizer_descriptions(local):
     assert viz.describe_optimizer(None) is None
     assert viz.describe_optimizer(ag.Optim(torch.optim.SGD, lr=0.5, momentum=0.9)) == "SGD lr=0.5"
     default_lr = torch.optim.Adam([nn.Parameter(torch.zeros(1))]).defaults["lr"]
@@ -355,10 +354,14 @@ def test_optimizer_descriptions():
         return torch.optim.SGD(params, lr=0.1)
 
     assert viz.describe_optimizer(make_opt) == "make_opt (callable)"
-    # A recipe with an LR schedule (any object with .cls) names the scheduler too.
-    spec = SimpleNamespace(cls=torch.optim.SGD, kwargs={"lr": 0.1},
-                           schedule=SimpleNamespace(cls=torch.optim.lr_scheduler.StepLR, kwargs={}))
+    # A recipe with an LR schedule names the scheduler too, in the worker's node as well.
+    spec = ag.Optim(torch.optim.SGD, lr=0.1, schedule=ag.Schedule(torch.optim.lr_scheduler.StepLR, step_size=1))
     assert viz.describe_optimizer(spec) == "SGD lr=0.1, StepLR"
+    lin = ag.spawn(nn.Linear(2, 3), name="sched", optimizer=spec)
+    lin(torch.randn(4, 2)).value()
+    nodes, _, _ = parse_dot(ag.graph())
+    assert "<B>sched</B>" in nodes["sched"]["label"]
+    assert "Linear, SGD lr=0.1, StepLR<" in nodes["sched"]["label"]
 
 
 def test_graph_needs_a_runtime():

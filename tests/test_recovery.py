@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import time
+from typing import Optional
 
 import pytest
 import torch
@@ -70,13 +71,16 @@ def oracle(marker: str) -> list[torch.Tensor]:
     return [p.detach().clone() for m in (enc, mid, head) for p in m.parameters()]
 
 
-def spawn_all(marker: str, where: str):
+def spawn_all(marker: str, where: str, resources: Optional[dict[str, dict[str, float]]] = None):
+    """enc -> mid -> tanh -> head -> MSE as five workers; ``resources`` per worker name (placement)."""
     enc, mid, head = modules(marker, where)
-    w_enc = ag.spawn(enc, name="enc", optimizer=ag.Optim(torch.optim.SGD, lr=0.05, momentum=0.9))
-    w_mid = ag.spawn(mid, name="mid", optimizer=ag.Optim(torch.optim.Adam, lr=0.01))
-    act = ag.spawn(torch.nn.Tanh(), name="act")
-    w_head = ag.spawn(head, name="head", optimizer=ag.Optim(torch.optim.Adam, lr=0.01))
-    mse = ag.spawn(torch.nn.MSELoss(), name="mse")
+    res = resources or {}
+    w_enc = ag.spawn(enc, name="enc", resources=res.get("enc"),
+                     optimizer=ag.Optim(torch.optim.SGD, lr=0.05, momentum=0.9))
+    w_mid = ag.spawn(mid, name="mid", resources=res.get("mid"), optimizer=ag.Optim(torch.optim.Adam, lr=0.01))
+    act = ag.spawn(torch.nn.Tanh(), name="act", resources=res.get("act"))
+    w_head = ag.spawn(head, name="head", resources=res.get("head"), optimizer=ag.Optim(torch.optim.Adam, lr=0.01))
+    mse = ag.spawn(torch.nn.MSELoss(), name="mse", resources=res.get("mse"))
 
     def step_fn(s: int) -> None:
         x, y = batch(s)
@@ -181,10 +185,10 @@ def test_kill_without_recovery_names_worker_and_others_stay_usable(ray_session):
 
 
 def test_recovery_options_are_checked(local):
-    with pytest.raises(E.ConfigError):
+    with pytest.raises(E.ConfigError, match=r"max_restarts must be an integer .*got -5"):
         ag.spawn(torch.nn.Linear(2, 2), max_restarts=-5)
     rt = ag.init(backend="local")
-    with pytest.raises(E.ConfigError):
+    with pytest.raises(E.ConfigError, match=r"checkpoint_every must be an integer >= 1, got 0"):
         rt.enable_recovery(checkpoint_every=0)
 
 
@@ -192,12 +196,25 @@ def test_local_backend_checkpoints_periodically(tmp_path):
     ag.init(backend="local", recover=True, checkpoint_every=2, checkpoint_dir=str(tmp_path), keep_checkpoints=2)
     try:
         workers, step_fn = spawn_all("/nonexistent", "nowhere")
+        ag.train(step_fn, 4)
+        at_4 = {w.name: w.state_dict() for w in workers}  # the weights right after step 4
         ag.train(step_fn, 5)
         names = sorted(os.listdir(tmp_path))
         # Steps 0 (before the first call), 2 and 4 were checkpointed; the last two are kept.
         assert names == ["step-00000002", "step-00000004"]
         from actorgrad.checkpoint import read_meta
 
-        assert read_meta(str(tmp_path / "step-00000004"))["step"] == 4
+        kept = tmp_path / "step-00000004"
+        meta = read_meta(str(kept))
+        assert meta["step"] == 4
+        files = {w["name"]: w["file"] for w in meta["workers"]}
+        assert set(files) == {"enc", "mid", "act", "head", "mse"}
+        for name, want in at_4.items():
+            state = torch.load(str(kept / files[name]), weights_only=True, map_location="cpu")
+            assert state["module"].keys() == want.keys(), name
+            for k in want:
+                assert torch.equal(state["module"][k], want[k]), (name, k)
+        # The weights moved on after step 4, so the comparison above was not of unchanged weights.
+        assert not torch.equal(workers[0].state_dict()["weight"], at_4["enc"]["weight"])
     finally:
         ag.shutdown()

@@ -18,6 +18,7 @@ place; the copies stay as the forwards saw them.
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
@@ -105,6 +106,10 @@ class Updater:
         self.scheduler = scheduler
         self.weights_version = weights_version
         self.version = 0  # number of updates applied; names a weight version
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget every step's metrics (recovery: step ids are used again after the rewind)."""
         self.records: dict[int, StepMetrics] = {}
         self.last_closed: Optional[int] = None
 
@@ -153,14 +158,12 @@ class Updater:
                 # Clipping scales .grad in place: a copy leaves tensors held elsewhere unchanged.
                 p.grad = None if g is None else g.to(device=p.device, dtype=p.dtype, copy=clip)
             with_grad = [p for p in params.values() if p.grad is not None]
-            clipped = False
             if opts.clip_grad_norm is not None:
                 norm = float(torch.nn.utils.clip_grad_norm_(with_grad, opts.clip_grad_norm))
                 clipped = norm > opts.clip_grad_norm
             else:
-                norm = grad_norm(grads)
+                norm, clipped = self._preview_clip(grads)
                 if opts.clip_grad_value is not None:
-                    clipped = any(bool((p.grad.abs() > opts.clip_grad_value).any()) for p in with_grad)
                     torch.nn.utils.clip_grad_value_(with_grad, opts.clip_grad_value)
             staleness = self._staleness(step, passes)
             lr = self.lrs()
@@ -229,8 +232,9 @@ class Updater:
         if opts.clip_grad_norm is not None:
             norm = float(torch.nn.utils.get_total_norm(list(grads.values())))
             return norm, norm > opts.clip_grad_norm
-        clipped = opts.clip_grad_value is not None and any(
-            bool((g.abs() > opts.clip_grad_value).any()) for g in grads.values())
+        # One device sync for the check: the largest |g| of all gradients against the limit.
+        clipped = opts.clip_grad_value is not None and bool(
+            torch.nn.utils.get_total_norm(list(grads.values()), norm_type=math.inf) > opts.clip_grad_value)
         return grad_norm(grads), clipped
 
     def closed(self, step: int) -> None:

@@ -103,9 +103,6 @@ class EndedSteps:
     def __contains__(self, step: object) -> bool:
         return isinstance(step, int) and (step < self.floor or step in self.recent)
 
-    def __len__(self) -> int:
-        return len(self.recent)
-
 
 @dataclass
 class CallState:
@@ -193,8 +190,15 @@ class WorkerCore:
         options = update_options(spec.optimizer)
         self.updater = Updater(self.name, self.module, self.optimizer, options,
                                build_schedule(options, self.optimizer, self.name), self._oldest_weights)
-        self.pending = PendingGrads()
+        self.check_finite = bool(spec.check_finite)
+        self.deadline = spec.deadline
+        self.tracer = Tracer(self.name, spec.trace)
+        self._out: list[Out] = []
+        self._init_steps()
 
+    def _init_steps(self) -> None:
+        """Every piece of per-step state, empty; the one place that lists it (init and reset)."""
+        self.pending = PendingGrads()
         self.calls: dict[int, CallState] = {}
         self.queue: deque[int] = deque()  # forward calls not yet run, in issue order
         self.passes: dict[int, PassState] = {}
@@ -208,15 +212,12 @@ class WorkerCore:
         self.stash_refs: dict[int, int] = {}
         # max_staleness = k > 0: the weights after each recent step's close (0: the initial ones);
         # a forward of step s uses those after step s-1-k. See [Note: weight stashing] in rules.py.
-        self.snapshots: dict[int, dict[str, torch.Tensor]] = {}
+        self.snapshots: dict[int, Weights] = {}
         self.snapshot_refs: dict[int, int] = {}
         if self.max_staleness > 0:
             self.snapshots[0] = self._clone_params()
-        self.check_finite = bool(spec.check_finite)
-        self.deadline = spec.deadline
-        self.tracer = Tracer(self.name, spec.trace)
         self.commit_error: Optional[E.ActorgradError] = None
-        self._out: list[Out] = []
+        self.updater.reset()
 
     # --- entry point --------------------------------------------------------
 
@@ -350,7 +351,7 @@ class WorkerCore:
         self.stash_refs[v] = self.stash_refs.get(v, 0) + 1
         return self.stash[v]
 
-    def _clone_params(self) -> dict[str, torch.Tensor]:
+    def _clone_params(self) -> Weights:
         return Weights({n: p.detach().clone().requires_grad_(p.requires_grad)
                         for n, p in self.module.named_parameters()}, self.updater.version)
 
@@ -368,7 +369,7 @@ class WorkerCore:
                 if c.version is not None:
                     v = c.version
                 elif c.snapshot is not None and c.snapshot in self.snapshots:
-                    v = getattr(self.snapshots[c.snapshot], "version", self.updater.version)
+                    v = self.snapshots[c.snapshot].version
                 else:
                     # Live weights: only update="step" with max_staleness=0 runs forwards on them, and
                     # its forwards wait for the previous update, so none lands in between.
@@ -594,9 +595,10 @@ class WorkerCore:
             return
         if self.check_finite:
             bad_in = _first_nonfinite(input_grads)
-            bad_p = next((n for n, g in param_grads.items() if not bool(torch.isfinite(g).all())), None)
+            i = _first_nonfinite(param_grads.values())
+            bad_p = None if i is None else list(param_grads)[i]
             if bad_in is not None or bad_p is not None:
-                came = _first_nonfinite([g for g in grad_outputs])
+                came = _first_nonfinite(grad_outputs)
                 what = f"the gradient for input {bad_in}" if bad_in is not None else f"the gradient of {bad_p!r}"
                 where = (f"the gradient that arrived for output {came} is already not finite" if came is not None
                          else "the gradients that arrived are finite: it appeared here")
@@ -868,22 +870,7 @@ class WorkerCore:
         Messages of the old epoch never reach a reset core (the host drops them), so step ids may
         be used again.
         """
-        self.calls.clear()
-        self.queue.clear()
-        self.passes.clear()
-        self.steps.clear()
-        self.early_values.clear()
-        self.early_grads.clear()
-        self.aborted = EndedSteps()
-        self.closed = EndedSteps()
-        self.retained.clear()
-        self.stash.clear()
-        self.stash_refs.clear()
-        self.pending = PendingGrads()
-        self.commit_error = None
-        if self.max_staleness > 0:
-            self.snapshots = {0: self._clone_params()}
-            self.snapshot_refs = {}
+        self._init_steps()
         for p in self.module.parameters():
             p.grad = None
 
@@ -909,10 +896,11 @@ class WorkerCore:
                     + ("; ".join(missing) or "the caller's Close/Commit"))
             err = self._error(E.DeadlineExceeded, text, step=step)
             log.warning("%s: %s", self.name, text)
+            first = len(self._out)
             self._on_abort(m.Abort(step, text))
-            # _on_abort answered the waiting requests with StepAborted; say why instead.
-            self._out = [(to, msg if to is not None or not isinstance(msg, m.Failure)
-                          else m.Failure(msg.req, E.to_info(err))) for to, msg in self._out]
+            # _on_abort answered this step's waiting requests with StepAborted; say why instead.
+            self._out[first:] = [(to, msg if to is not None or not isinstance(msg, m.Failure)
+                                  else m.Failure(msg.req, E.to_info(err))) for to, msg in self._out[first:]]
         out, self._out = self._out, []
         return out
 
@@ -982,7 +970,7 @@ class WorkerCore:
     def memory(self) -> dict[str, int]:
         """This process's resident memory and live tensor count (process-wide: on backend="local"
         every worker shares one process)."""
-        return {"rss_bytes": _rss_bytes(), "live_tensors": _live_tensors(), **self.stats()}
+        return {**process_memory(), **self.stats()}
 
     def _on_get_state(self, msg: m.GetState) -> None:
         if msg.what == "stats":
@@ -1016,8 +1004,7 @@ class WorkerCore:
             # Stale forwards after a restore must use the same old weights as an uninterrupted run.
             data["snapshots"] = [[k, {n: t.detach().cpu() for n, t in v.items()}]
                                  for k, v in sorted(self.snapshots.items())]
-            data["snapshot_versions"] = [[k, getattr(v, "version", self.updater.version)]
-                                         for k, v in sorted(self.snapshots.items())]
+            data["snapshot_versions"] = [[k, v.version] for k, v in sorted(self.snapshots.items())]
         self._ack(msg.req, data)
 
     def _on_set_state(self, msg: m.SetState) -> None:
@@ -1045,15 +1032,14 @@ class WorkerCore:
         if self.max_staleness > 0:
             saved = state.get("snapshots") if msg.what == "full" and isinstance(state, dict) else None
             if saved:
-                self.snapshots = {int(k): {n: t.to(self.device).requires_grad_(self.module.get_parameter(n).requires_grad)
-                                           for n, t in v.items()} for k, v in saved}
+                # Versions go on from the saved ones plus the bump above, so staleness stays exact.
+                versions = {int(k): int(v) + 1 for k, v in state.get("snapshot_versions") or ()}
+                self.snapshots = {
+                    int(k): Weights({n: t.to(self.device).requires_grad_(self.module.get_parameter(n).requires_grad)
+                                     for n, t in v.items()}, versions.get(int(k), self.updater.version))
+                    for k, v in saved}
             else:
                 self.snapshots = {max(self.snapshots, default=0): self._clone_params()}
-            if saved and state.get("snapshot_versions"):
-                # Versions go on from the saved ones plus the bump above, so staleness stays exact.
-                versions = {int(k): int(v) + 1 for k, v in state["snapshot_versions"]}
-                self.snapshots = {k: Weights(v, versions.get(k, self.updater.version))
-                                  for k, v in self.snapshots.items()}
             self.snapshot_refs = {}
         self._ack(msg.req, None)
 
@@ -1081,19 +1067,18 @@ class WorkerCore:
         return lines
 
 
-def _rss_bytes() -> int:
+def process_memory() -> dict[str, int]:
+    """This process's resident memory in bytes and its count of live torch.Tensor objects."""
     try:
         with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):  # not Linux
+            rss = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):  # not Linux: peak RSS is the best there is
         import resource
 
-        return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
-
-
-def _live_tensors() -> int:
+        rss = int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
     # issubclass on the type: isinstance would touch lazy torch objects and warn.
-    return sum(1 for o in gc.get_objects() if issubclass(type(o), torch.Tensor))
+    tensors = sum(1 for o in gc.get_objects() if issubclass(type(o), torch.Tensor))
+    return {"rss_bytes": rss, "live_tensors": tensors}
 
 
 def _fmt_edges(missing: list[tuple[int, int, tuple[int, int]]]) -> str:

@@ -100,6 +100,10 @@ class Host:
         if sender not in self._next_in and epoch_of(sender) != self.epoch:
             log.debug("%s: frame of epoch %d from %s dropped (now in epoch %d)", self.name, epoch_of(sender),
                       sender, self.epoch)
+            if reply is not None:  # a request would never be answered: say so at once
+                err = E.StepAborted("a request from another epoch of the runtime (before or after a recovery)",
+                                    worker=self.name)
+                reply(codec.encode(m.Failure(-1, E.to_info(err))))
             return
         expected = self._next_in.get(sender, 0)
         if seq < expected:

@@ -27,8 +27,6 @@ import ray.exceptions
 
 from .. import errors as E
 from ..core.worker import WorkerCore, WorkerSpec
-from ..core import codec
-from ..core import messages as m
 from .base import CALLER, Host, epoch_of, sender_key
 from .channels import MSG, Channel, ChannelServer, pack_frame
 
@@ -127,12 +125,7 @@ class RayHost:
             if not fut.done():
                 fut.set_result(payload)
 
-        host = self._ensure_host()
-        if epoch_of(sender) != host.epoch:
-            # A request from before a reset would never be answered: say so at once.
-            err = E.StepAborted("a request from before the runtime's recovery", worker=self._core.name)
-            return codec.encode(m.Failure(-1, E.to_info(err)))
-        host.accept(sender, seq, data, reply)
+        self._ensure_host().accept(sender, seq, data, reply)
         return await fut
 
     async def probe(self) -> list[str]:
@@ -368,8 +361,10 @@ class RayTransport:
     def _on_lost(self, worker: str, why: str) -> None:
         waiting = self._waiting.get(worker, {})
         for token in list(waiting):
-            fut = waiting.pop(token)
-            if not fut.done():
+            # Runs on the IO thread, and on the caller's during a recovery reset: a reply may
+            # have taken this token in between.
+            fut = waiting.pop(token, None)
+            if fut is not None and not fut.done():
                 fut.set_exception(E.WorkerDied(f"lost the connection to the worker ({why}): its process died or "
                                                "could not start", worker=worker))
 

@@ -251,3 +251,36 @@ def test_custom_backward_is_used():
     core.handle(m.Close(3, 1, (10,), (100,), ()))
     core.handle(m.Commit(1))
     assert core.module.w.item() == pytest.approx(1.0)
+
+
+def test_reset_forgets_the_update_metrics_of_steps_that_never_closed():
+    # Recovery rewinds step ids: a step run again after reset() must report only its own updates.
+    core, _ = linear_core(update="pass")
+    x = torch.randn(4, 3)
+
+    def run_step_1(req):
+        core.handle(m.Forward(req, 10, 1, [x], {}, (), True))
+        out = core.handle(m.Plan(req + 1, 100, 1, (m.Expect(10, 0, ((m.SEED, 0),)),),
+                                 (m.SeedGrad(10, 0, 0, torch.ones(4, 2)),)))
+        assert acks(out)[req + 1]["applied"] is True
+
+    run_step_1(1)  # applied, then the runtime recovers before step 1 closes
+    core.reset()
+    run_step_1(3)
+    report = acks(core.handle(m.Close(5, 1, (10,), (100,), ())))[5]
+    assert report["updates"] == 1
+
+
+def test_expire_answers_each_stale_step_with_its_own_deadline_error():
+    import time
+
+    torch.manual_seed(0)
+    core = WorkerCore(WorkerSpec("lin", torch.nn.Linear(3, 2), Optim(torch.optim.SGD, lr=0.1), deadline=5.0))
+    core.handle(forward_from_peer(call=10, step=1, req=1, pcall=5))
+    core.handle(forward_from_peer(call=11, step=2, req=2, pcall=6))
+    errs = failures(core.expire(now=time.monotonic() + 10))
+    assert set(errs) == {1, 2}
+    for req, step in ((1, 1), (2, 2)):
+        assert isinstance(errs[req], E.DeadlineExceeded) and errs[req].step == step
+        assert f"for step {step};" in str(errs[req])
+    assert not core.calls and not core.steps
