@@ -207,6 +207,9 @@ class WorkerCore:
         self.early_grads: dict[int, list[m.Gradient]] = {}
         self.aborted = EndedSteps()
         self.closed = EndedSteps()
+        # The latest step the caller has sent a call, plan or close of: an Abort beyond it is refused,
+        # so that no message can mark steps that have not begun as ended (their ids would be lost).
+        self.top_step = 0
         self.retained: dict[tuple[int, int], tuple[int, torch.Tensor]] = {}
         self.stash: dict[int, dict[str, torch.Tensor]] = {}
         self.stash_refs: dict[int, int] = {}
@@ -230,23 +233,30 @@ class WorkerCore:
         self._out = []
         match msg:
             case m.Forward():
+                self.top_step = max(self.top_step, msg.step)
                 self._on_forward(msg)
             case m.Value():
                 self._on_value(msg)
             case m.Route():
                 self._on_route(msg)
             case m.Plan():
+                self.top_step = max(self.top_step, msg.step)
                 self._on_plan(msg)
             case m.Gradient():
                 self._on_gradient(msg)
             case m.Close():
+                self.top_step = max(self.top_step, msg.step)
                 self._on_close(msg)
             case m.Commit():
                 st = self.steps.get(msg.step)
                 if st is not None:
                     st.commit = True
             case m.Abort():
-                self._on_abort(msg)
+                if msg.step > self.top_step:
+                    log.warning("%s: abort of step %d refused: no call of it has come here (latest: %d)",
+                                self.name, msg.step, self.top_step)
+                else:
+                    self._on_abort(msg)
             case m.Fetch():
                 self._on_fetch(msg)
             case m.GetState():

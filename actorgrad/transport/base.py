@@ -25,6 +25,13 @@ log = logging.getLogger("actorgrad.transport")
 
 CALLER = "caller"
 INLINE_SECONDS = 0.0005  # handling cheaper than this (moving average) runs on the event loop
+# Frames at least this large are decoded on the compute thread: the loop keeps receiving meanwhile.
+DECODE_OFF_LOOP_BYTES = 1 << 20
+# Frames a sender may have waiting for an earlier one (out of order): beyond, its frames are refused.
+MAX_HELD_FRAMES = 4096
+MAX_HELD_BYTES = 1 << 30
+# What a worker may send to a worker; everything else (calls, plans, closes, aborts, state) is the caller's.
+PEER_MESSAGES = (m.Value, m.Gradient)
 
 
 
@@ -37,6 +44,12 @@ def epoch_of(key: str) -> int:
     """The epoch a frame's sender field belongs to."""
     _, sep, tail = key.rpartition("#")
     return int(tail) if sep and tail.isdigit() else 0
+
+
+def name_of(key: str) -> str:
+    """The endpoint a frame's sender field names, without its epoch."""
+    base, sep, tail = key.rpartition("#")
+    return base if sep and tail.isdigit() else key
 
 
 _EXPIRE: Any = object()  # an inbox item: check the core's deadlines (see Host._sweep)
@@ -86,7 +99,8 @@ class Host:
         self._loop = loop
         self._inbox: asyncio.Queue = asyncio.Queue()
         self._next_in: dict[str, int] = {}
-        self._held: dict[str, dict[int, tuple[bytes, Optional[ReplyFn]]]] = {}
+        self._held: dict[str, dict[int, tuple[bytes, Optional[ReplyFn], str]]] = {}
+        self._held_bytes: dict[str, int] = {}
         self._next_out: dict[str, int] = {}
         self._replies: dict[int, ReplyFn] = {}
         self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"ag-{core.name}")
@@ -94,8 +108,12 @@ class Host:
         self.task = loop.create_task(self._run())
         self._sweeper = loop.create_task(self._sweep()) if core.deadline else None
 
-    def accept(self, sender: str, seq: int, data: bytes, reply: Optional[ReplyFn] = None) -> None:
-        """Take one frame (on the loop thread); release it once its predecessors have arrived."""
+    def accept(self, sender: str, seq: int, data: bytes, reply: Optional[ReplyFn] = None) -> bool:
+        """Take one frame (on the loop thread); release it once its predecessors have arrived.
+
+        False: the sender holds too many frames out of order here; they are dropped, and a channel
+        should close the sender's connection.
+        """
         # A sender already seen is of this epoch: the parse runs once per sender, not per frame.
         if sender not in self._next_in and epoch_of(sender) != self.epoch:
             log.debug("%s: frame of epoch %d from %s dropped (now in epoch %d)", self.name, epoch_of(sender),
@@ -104,17 +122,44 @@ class Host:
                 err = E.StepAborted("a request from another epoch of the runtime (before or after a recovery)",
                                     worker=self.name)
                 reply(codec.encode(m.Failure(-1, E.to_info(err))))
-            return
+            return True
         expected = self._next_in.get(sender, 0)
         if seq < expected:
             log.warning("%s: duplicate frame %d from %s dropped", self.name, seq, sender)
-            return
+            return True
+        if seq == expected and sender not in self._held:  # the usual case: in order, nothing held
+            self._inbox.put_nowait((data, reply, sender))
+            self._next_in[sender] = expected + 1
+            return True
         held = self._held.setdefault(sender, {})
-        held[seq] = (data, reply)
+        if seq not in held:
+            self._held_bytes[sender] = self._held_bytes.get(sender, 0) + len(data)
+        held[seq] = (data, reply, sender)
         while expected in held:
-            self._inbox.put_nowait(held.pop(expected))
+            item = held.pop(expected)
+            self._held_bytes[sender] -= len(item[0])
+            self._inbox.put_nowait(item)
             expected += 1
         self._next_in[sender] = expected
+        if not held:
+            del self._held[sender], self._held_bytes[sender]
+        elif len(held) > MAX_HELD_FRAMES or self._held_bytes[sender] > MAX_HELD_BYTES:
+            log.error("%s: %s has %d frames (%d bytes) waiting for frame %d; dropped", self.name, sender, len(held),
+                      self._held_bytes[sender], expected)
+            self.forget(sender)
+            return False
+        return True
+
+    def forget(self, sender: str) -> None:
+        """Drop the frames held back for ``sender`` (its connection is gone: the gap cannot fill)."""
+        held = self._held.pop(sender, None)
+        self._held_bytes.pop(sender, None)
+        if held:
+            log.warning("%s: %d frames from %s dropped: an earlier frame never came", self.name, len(held), sender)
+
+    def held_bytes(self) -> int:
+        """Bytes of frames waiting for an earlier frame of their sender."""
+        return sum(self._held_bytes.values())
 
     async def _sweep(self) -> None:
         """Worker-side deadlines: fail steps that wait here longer than the core's deadline."""
@@ -123,7 +168,7 @@ class Host:
         while True:
             await asyncio.sleep(period)
             # Through the inbox, like a message: the core is only ever run by the _run task.
-            self._inbox.put_nowait((_EXPIRE, None))
+            self._inbox.put_nowait((_EXPIRE, None, None))
 
     async def quiesce(self) -> None:
         """Stop taking messages and wait until the compute thread is idle (before a reset)."""
@@ -156,13 +201,22 @@ class Host:
                 # let them go now, not when the next message arrives.
                 batch = []
 
-    def _decode(self, data: bytes, reply: Optional[ReplyFn]) -> Optional[m.Message]:
+    def _decode(self, data: bytes, reply: Optional[ReplyFn], sender: str) -> Optional[m.Message]:
         try:
             msg = codec.decode(data)
         except E.DecodeError as err:
-            log.error("%s: dropped a malformed message: %s", self.name, err.message)
+            log.error("%s: dropped a malformed message from %s: %s", self.name, sender, err.message)
             if reply is not None:
                 reply(codec.encode(m.Failure(-1, E.to_info(E.DecodeError(err.message, worker=self.name)))))
+            return None
+        peer = name_of(sender)
+        if peer != CALLER and not (isinstance(msg, PEER_MESSAGES)
+                                   and (not isinstance(msg, m.Gradient) or msg.from_worker == peer)):
+            # A worker may only pass values and its own gradients on; the rest is the caller's to send.
+            log.error("%s: dropped a %s from %s: only the caller may send it", self.name, type(msg).__name__, sender)
+            if reply is not None:
+                err = E.DecodeError(f"a worker may not send a {type(msg).__name__}", worker=self.name)
+                reply(codec.encode(m.Failure(getattr(msg, "req", -1), E.to_info(err))))
             return None
         if reply is not None:
             self._replies[getattr(msg, "req", -1)] = reply
@@ -197,10 +251,15 @@ class Host:
             self._cost = 0.8 * self._cost + 0.2 * cost
         return outs
 
-    async def _handle_batch(self, batch: list[tuple[bytes, Optional[ReplyFn]]]) -> None:
+    async def _handle_batch(self, batch: list[tuple[bytes, Optional[ReplyFn], Optional[str]]]) -> None:
         msgs = []
-        for data, reply in batch:
-            msg = data if data is _EXPIRE else self._decode(data, reply)
+        for data, reply, sender in batch:
+            if data is _EXPIRE:
+                msg = data
+            elif len(data) >= DECODE_OFF_LOOP_BYTES:
+                msg = await self._loop.run_in_executor(self._executor, self._decode, data, reply, sender)
+            else:
+                msg = self._decode(data, reply, sender)
             if msg is not None:
                 msgs.append(msg)
         if not msgs:

@@ -1,10 +1,24 @@
-"""Direct channels: length-prefixed msgpack frames over asyncio streams.
+"""Direct channels: authenticated, length-prefixed msgpack frames over asyncio streams.
 
-A worker serves a Unix socket (abstract namespace on Linux, for peers on its
-node) and a TCP port (for peers on other nodes); addresses are exchanged
-through Ray at spawn. A frame is ``u32 envelope length, u32 data length``, the
-envelope msgpack ``[kind, sender, seq, token]``, then the data itself (written
-as is: a large tensor is not packed a second time):
+A worker serves a Unix socket (a socket file in a directory only its user can
+open, for peers on its node) and a TCP port on its node's address (for peers
+on other nodes); addresses are exchanged through Ray at spawn.
+
+[Note: channel authentication] Every connection starts with a handshake before
+any frame is read. The runtime creates one secret per run and hands it to its
+workers through Ray (which authenticates its own calls). The server sends a
+random nonce; the client answers with its identity (``caller`` or its worker
+name), a nonce of its own and an HMAC-SHA256 over both nonces and the
+identity; the server checks it and proves in turn that it knows the secret.
+From then on the connection speaks for that identity only: a frame whose
+sender field names anyone else is refused and the connection dropped. A peer
+without the secret never gets a frame read, and holds a connection slot only
+for the handshake's short deadline. Frames are not encrypted (see the README's
+threat model).
+
+A frame is ``u32 envelope length, u32 data length``, the envelope msgpack
+``[kind, sender, seq, token]``, then the data itself (written as is: a large
+tensor is not packed a second time):
 
 - ``MSG``: one message from ``sender`` with its per-channel ``seq``;
   ``token`` is None for one-way messages, or a number the reply will carry;
@@ -17,12 +31,17 @@ the Host still checks ``seq``. Nothing here knows about Ray or messages.
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
 import logging
 import os
+import secrets
+import shutil
 import socket
 import struct
-import sys
-import uuid
+import tempfile
+import time
+from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable, Optional
 
 import msgpack
@@ -32,10 +51,89 @@ log = logging.getLogger("actorgrad.transport.channels")
 MSG = 0
 REPLY = 1
 _HEADER = struct.Struct("!II")
-MAX_ENVELOPE = 1 << 16
-MAX_FRAME = 1 << 31  # frames above 2 GiB are refused
+MAX_ENVELOPE = 1 << 12  # [kind, sender, seq, token]: a name and three numbers
+# Largest frame a channel accepts by default (ACTORGRAD_MAX_FRAME_BYTES to change): big enough for the
+# state of a 1 GiB module in one reply, far below what a length field can claim.
+DEFAULT_MAX_FRAME = 1 << 30
+MAX_FRAME = DEFAULT_MAX_FRAME  # kept for readers of the old name
+DEFAULT_MAX_CONNECTIONS = 1024  # authenticated connections per worker: one per peer and the caller
+DEFAULT_MAX_HANDSHAKES = 128  # connections still proving themselves, at once
+HANDSHAKE_SECONDS = 5.0
 
-AcceptFn = Callable[[str, int, bytes, Optional[Callable[[bytes], None]]], None]
+_MAGIC = b"AGCH1"
+_NONCE = 32
+_HELLO = struct.Struct("!H")
+_MAX_HELLO = 512
+
+
+class AuthError(Exception):
+    """A peer failed the channel handshake."""
+
+
+@dataclass
+class ChannelConfig:
+    """Everything a worker's channels need: the runtime's secret and the limits."""
+
+    secret: bytes
+    max_frame: int = DEFAULT_MAX_FRAME
+    max_connections: int = DEFAULT_MAX_CONNECTIONS
+    max_handshakes: int = DEFAULT_MAX_HANDSHAKES
+    handshake_seconds: float = HANDSHAKE_SECONDS
+
+    @classmethod
+    def create(cls) -> "ChannelConfig":
+        """A fresh secret, limits from the environment (ACTORGRAD_MAX_FRAME_BYTES, ...)."""
+        return cls(
+            secrets.token_bytes(32),
+            max_frame=_env_int("ACTORGRAD_MAX_FRAME_BYTES", DEFAULT_MAX_FRAME),
+            max_connections=_env_int("ACTORGRAD_MAX_CONNECTIONS", DEFAULT_MAX_CONNECTIONS),
+        )
+
+    def __repr__(self) -> str:  # never print the secret
+        return f"ChannelConfig(max_frame={self.max_frame}, max_connections={self.max_connections})"
+
+
+def _env_int(name: str, default: int) -> int:
+    raw = os.environ.get(name)
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ValueError(f"{name} must be an integer, got {raw!r}") from None
+    if value <= 0:
+        raise ValueError(f"{name} must be positive, got {value}")
+    return value
+
+
+class RateLimitedLog:
+    """Logs at most ``burst`` records per ``period`` seconds per key; counts the rest."""
+
+    def __init__(self, logger: logging.Logger, period: float = 60.0, burst: int = 5) -> None:
+        self._log = logger
+        self._period = period
+        self._burst = burst
+        self._windows: dict[str, list[float]] = {}  # key -> [window start, count, suppressed]
+
+    def __call__(self, level: int, key: str, text: str, *args: Any) -> None:
+        """Log ``text % args`` unless ``key`` has logged ``burst`` times this period."""
+        now = time.monotonic()
+        w = self._windows.get(key)
+        if w is None or now - w[0] >= self._period:
+            if w is not None and w[2]:
+                self._log.log(level, "%d similar messages suppressed (%s)", int(w[2]), key)
+            w = [now, 0, 0]
+            self._windows[key] = w
+            if len(self._windows) > 256:  # keys come from a bounded set of places; stay bounded anyway
+                self._windows = {key: w}
+        if w[1] < self._burst:
+            w[1] += 1
+            self._log.log(level, text, *args)
+        else:
+            w[2] += 1
+
+
+_rlog = RateLimitedLog(log)
 
 
 def pack_frame(kind: int, sender: Optional[str], seq: int, token: Optional[int], data: bytes) -> list[bytes]:
@@ -44,21 +142,27 @@ def pack_frame(kind: int, sender: Optional[str], seq: int, token: Optional[int],
     return [_HEADER.pack(len(env), len(data)), env, data]
 
 
-async def read_frame(reader: asyncio.StreamReader) -> Optional[list]:
+async def read_frame(reader: asyncio.StreamReader, max_frame: int = DEFAULT_MAX_FRAME) -> Optional[list]:
     """The next frame's fields, or None at the end of the stream; ValueError if malformed."""
     try:
         header = await reader.readexactly(_HEADER.size)
     except (asyncio.IncompleteReadError, ConnectionError):
         return None
     n_env, n_data = _HEADER.unpack(header)
-    if n_env > MAX_ENVELOPE or n_data > MAX_FRAME:
-        raise ValueError(f"frame of {n_env} + {n_data} bytes is too large")
+    if n_env > MAX_ENVELOPE or n_data > max_frame:
+        raise ValueError(f"frame of {n_env} + {n_data} bytes is too large (at most {MAX_ENVELOPE} + {max_frame}; "
+                         "ACTORGRAD_MAX_FRAME_BYTES raises the limit)")
     try:
         env = await reader.readexactly(n_env)
         data = await reader.readexactly(n_data)
     except (asyncio.IncompleteReadError, ConnectionError):
         return None
-    fields = msgpack.unpackb(env, raw=False)
+    try:
+        # A small envelope: msgpack's own limits keep a hostile one from costing more than its size.
+        fields = msgpack.unpackb(env, raw=False, max_array_len=4, max_map_len=0,
+                                 max_str_len=256, max_bin_len=0, max_ext_len=0)
+    except Exception as exc:
+        raise ValueError(f"malformed envelope: {type(exc).__name__}") from None
     ok = (
         isinstance(fields, list)
         and len(fields) == 4
@@ -72,36 +176,172 @@ async def read_frame(reader: asyncio.StreamReader) -> Optional[list]:
     return fields + [data]
 
 
-def _unix_name(tag: str) -> str:
-    name = f"actorgrad-{tag}-{uuid.uuid4().hex[:12]}"
-    if sys.platform.startswith("linux"):
-        return "\0" + name  # abstract: no file to clean up
-    return os.path.join("/tmp", name + ".sock")
+# --- handshake -----------------------------------------------------------------
+
+
+def _mac(secret: bytes, role: bytes, first: bytes, second: bytes, identity: str) -> bytes:
+    return hmac.new(secret, b"|".join((_MAGIC, role, first, second, identity.encode())), hashlib.sha256).digest()
+
+
+async def _server_handshake(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, secret: bytes) -> str:
+    """Prove the client knows ``secret`` and prove that we do; return the client's identity."""
+    nonce_s = secrets.token_bytes(_NONCE)
+    writer.write(_MAGIC + nonce_s)
+    await writer.drain()
+    (n,) = _HELLO.unpack(await reader.readexactly(_HELLO.size))
+    if n > _MAX_HELLO:
+        raise AuthError(f"a hello of {n} bytes")
+    try:
+        hello = msgpack.unpackb(await reader.readexactly(n), raw=False,
+                                max_array_len=3, max_map_len=0, max_ext_len=0)
+    except Exception as exc:  # msgpack raises several types on bad input
+        raise AuthError(f"a malformed hello ({type(exc).__name__})") from None
+    ok = (isinstance(hello, list) and len(hello) == 3 and isinstance(hello[0], str) and 0 < len(hello[0]) <= 256
+          and isinstance(hello[1], bytes) and len(hello[1]) == _NONCE and isinstance(hello[2], bytes))
+    if not ok:
+        raise AuthError("a malformed hello")
+    identity, nonce_c, mac = hello
+    if not hmac.compare_digest(mac, _mac(secret, b"client", nonce_s, nonce_c, identity)):
+        raise AuthError(f"a wrong key (claimed to be {identity[:64]!r})")
+    writer.write(_mac(secret, b"server", nonce_c, nonce_s, identity))
+    await writer.drain()
+    return identity
+
+
+async def _client_handshake(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, secret: bytes,
+                            identity: str) -> None:
+    """Prove to the server that we know ``secret``; refuse a server that does not."""
+    head = await reader.readexactly(len(_MAGIC) + _NONCE)
+    if head[:len(_MAGIC)] != _MAGIC:
+        raise AuthError("the server does not speak the actorgrad channel protocol")
+    nonce_s = head[len(_MAGIC):]
+    nonce_c = secrets.token_bytes(_NONCE)
+    hello = msgpack.packb([identity, nonce_c, _mac(secret, b"client", nonce_s, nonce_c, identity)],
+                          use_bin_type=True)
+    writer.write(_HELLO.pack(len(hello)) + hello)
+    await writer.drain()
+    proof = await reader.readexactly(hashlib.sha256().digest_size)
+    if not hmac.compare_digest(proof, _mac(secret, b"server", nonce_c, nonce_s, identity)):
+        raise AuthError("the server could not prove it belongs to this runtime")
+
+
+def speaks_for(identity: str, sender: str) -> bool:
+    """Whether an authenticated ``identity`` may send frames with this sender field (``name`` or ``name#epoch``)."""
+    if sender == identity:
+        return True
+    base, sep, tail = sender.rpartition("#")
+    return bool(sep) and base == identity and tail.isdigit()
+
+
+# --- server ----------------------------------------------------------------------
+
+
+def _private_unix_path(tag: str) -> tuple[str, str]:
+    """A socket path in a fresh directory that only this user can enter (0700)."""
+    base = os.environ.get("XDG_RUNTIME_DIR")
+    if not base or not os.path.isdir(base) or len(base) > 60:
+        base = tempfile.gettempdir()
+    directory = tempfile.mkdtemp(prefix="ag-", dir=base)  # mkdtemp creates it 0700
+    safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in tag)[:24]
+    return directory, os.path.join(directory, f"{safe}.sock")
+
+
+# A hook for a frame: the sender (already checked against the connection's identity), seq, data and
+# the reply function; returns False when the frame must close the connection (e.g. a bound exceeded).
+AcceptFn = Callable[[str, int, bytes, Optional[Callable[[bytes], None]]], Optional[bool]]
+GoneFn = Callable[[str], None]
+
+
+@dataclass
+class ServerStats:
+    """What a ChannelServer has refused and holds: for stats() and for tests."""
+
+    connections: int = 0
+    handshaking: int = 0
+    authenticated: int = 0
+    refused_handshakes: int = 0
+    refused_connections: int = 0
+    refused_frames: int = 0
+    causes: dict[str, int] = field(default_factory=dict)
+
+    def refuse(self, what: str) -> None:
+        """Count one refusal by cause."""
+        self.causes[what] = self.causes.get(what, 0) + 1
 
 
 class ChannelServer:
-    """Accepts frames for one Host on a Unix socket and a TCP port."""
+    """Accepts frames for one Host on a private Unix socket and a TCP port, from authenticated peers only."""
 
-    def __init__(self, accept: AcceptFn, tag: str, host_ip: str) -> None:
+    def __init__(self, accept: AcceptFn, tag: str, host_ip: str, config: ChannelConfig,
+                 gone: Optional[GoneFn] = None) -> None:
         self._accept = accept
+        self._gone = gone
         self._tag = tag
         self._host_ip = host_ip
+        self._config = config
         self._servers: list[asyncio.AbstractServer] = []
+        self._dir: Optional[str] = None
+        self._handshaking = 0
+        self._open: set[asyncio.StreamWriter] = set()
+        self.stats = ServerStats()
         self.address: dict[str, Any] = {}
 
     async def start(self, node_id: str) -> dict[str, Any]:
         """Start listening; return the address peers connect to."""
-        path = _unix_name(self._tag)
+        self._dir, path = _private_unix_path(self._tag)
         self._servers.append(await asyncio.start_unix_server(self._serve, path=path))
-        tcp = await asyncio.start_server(self._serve, host="0.0.0.0", port=0)
+        os.chmod(path, 0o600)
+        # The node's own address only: not every interface of the machine.
+        tcp = await asyncio.start_server(self._serve, host=self._host_ip, port=0)
         self._servers.append(tcp)
         port = tcp.sockets[0].getsockname()[1]
         self.address = {"node": node_id, "unix": path, "host": self._host_ip, "port": port}
         return self.address
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        _nodelay(writer)
+    def _refuse(self, what: str, text: str, *args: Any) -> None:
+        self.stats.refuse(what)
+        _rlog(logging.WARNING, f"{self._tag}:{what}", f"%s: {text}", self._tag, *args)
 
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        cfg = self._config
+        if self._handshaking >= cfg.max_handshakes or len(self._open) >= cfg.max_connections:
+            self.stats.refused_connections += 1
+            self._refuse("busy", "refused a connection: %d open, %d still authenticating", len(self._open),
+                         self._handshaking)
+            writer.transport.abort()
+            return
+        self._open.add(writer)
+        self.stats.connections += 1
+        identity: Optional[str] = None
+        senders: set[str] = set()
+        try:
+            self._handshaking += 1
+            try:
+                identity = await asyncio.wait_for(_server_handshake(reader, writer, cfg.secret),
+                                                  cfg.handshake_seconds)
+            except (AuthError, asyncio.TimeoutError, asyncio.IncompleteReadError, ConnectionError,
+                    struct.error) as exc:
+                self.stats.refused_handshakes += 1
+                self._refuse("auth", "refused a connection that did not authenticate: %s",
+                             str(exc) or type(exc).__name__)
+                return
+            finally:
+                self._handshaking -= 1
+            self.stats.authenticated += 1
+            _nodelay(writer)
+            await self._frames(reader, writer, identity, senders)
+        finally:
+            self._open.discard(writer)
+            if identity is None:
+                writer.transport.abort()  # no goodbye for a peer that never authenticated
+            else:
+                writer.close()
+            if self._gone is not None:
+                for sender in senders:
+                    self._gone(sender)
+
+    async def _frames(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, identity: str,
+                      senders: set[str]) -> None:
         def replier(token: int) -> Callable[[bytes], None]:
             def reply(data: bytes) -> None:
                 if not writer.is_closing():
@@ -109,40 +349,54 @@ class ChannelServer:
 
             return reply
 
-        try:
-            while True:
-                try:
-                    fields = await read_frame(reader)
-                except ValueError as exc:
-                    log.error("%s: closing a channel that sent a bad frame: %s", self._tag, exc)
-                    break
-                if fields is None:
-                    break
-                kind, sender, seq, token, data = fields
-                if kind != MSG or sender is None:
-                    log.error("%s: unexpected frame kind %s dropped", self._tag, kind)
-                    continue
-                self._accept(sender, seq, data, None if token is None else replier(token))
-        finally:
-            writer.close()
+        while True:
+            try:
+                fields = await read_frame(reader, self._config.max_frame)
+            except ValueError as exc:
+                self.stats.refused_frames += 1
+                self._refuse("frame", "closing %s's channel, which sent a bad frame: %s", identity, exc)
+                return
+            if fields is None:
+                return
+            kind, sender, seq, token, data = fields
+            if kind != MSG or sender is None or not speaks_for(identity, sender):
+                self.stats.refused_frames += 1
+                self._refuse("spoof", "closing %s's channel, which sent a frame as %r (kind %s)", identity,
+                             sender, kind)
+                return
+            senders.add(sender)
+            if self._accept(sender, seq, data, None if token is None else replier(token)) is False:
+                self.stats.refused_frames += 1
+                self._refuse("bound", "closing %s's channel: it holds too many frames out of order", identity)
+                return
 
     def close(self) -> None:
-        """Stop listening."""
+        """Stop listening and remove the socket file."""
         for s in self._servers:
             s.close()
+        for w in list(self._open):
+            w.transport.abort()
+        if self._dir is not None:
+            shutil.rmtree(self._dir, ignore_errors=True)
+            self._dir = None
+
+
+# --- client ----------------------------------------------------------------------
 
 
 class Channel:
-    """The sending end towards one worker; frames queue until the connection is up."""
+    """The sending end towards one worker; frames queue until the connection is up and authenticated."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, name: str,
-                 resolve: Callable[[], Awaitable[dict[str, Any]]], my_node: str,
-                 on_reply: Optional[Callable[[int, bytes], None]] = None,
+                 resolve: Callable[[], Awaitable[dict[str, Any]]], my_node: str, config: ChannelConfig,
+                 identity: str, on_reply: Optional[Callable[[int, bytes], None]] = None,
                  on_lost: Optional[Callable[[str], None]] = None) -> None:
         self.name = name
         self._loop = loop
         self._resolve = resolve
         self._my_node = my_node
+        self._config = config
+        self._identity = identity
         self._on_reply = on_reply
         self._on_lost = on_lost
         self._writer: Optional[asyncio.StreamWriter] = None
@@ -169,6 +423,13 @@ class Channel:
         except Exception as exc:
             self._lost(f"could not connect: {exc!r}")
             return
+        try:
+            await asyncio.wait_for(_client_handshake(reader, writer, self._config.secret, self._identity),
+                                   self._config.handshake_seconds * 2)
+        except (AuthError, asyncio.TimeoutError, asyncio.IncompleteReadError, ConnectionError) as exc:
+            writer.transport.abort()
+            self._lost(f"the channel handshake failed: {str(exc) or type(exc).__name__}")
+            return
         _nodelay(writer)
         self._writer = writer
         for frame in self._queue:
@@ -179,7 +440,7 @@ class Channel:
     async def _read_replies(self, reader: asyncio.StreamReader) -> None:
         try:
             while True:
-                fields = await read_frame(reader)
+                fields = await read_frame(reader, self._config.max_frame)
                 if fields is None:
                     break
                 kind, _, _, token, data = fields
