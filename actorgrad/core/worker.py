@@ -193,6 +193,8 @@ class WorkerCore:
         self.check_finite = bool(spec.check_finite)
         self.deadline = spec.deadline
         self.tracer = Tracer(self.name, spec.trace)
+        # What the hosting transport holds for this worker (frames out of order), for stats().
+        self.host_stats: Callable[[], dict[str, int]] = dict
         self._out: list[Out] = []
         self._init_steps()
 
@@ -975,6 +977,7 @@ class WorkerCore:
             "early_messages": len(self.early_values) + len(self.early_grads),
             "pending_grads": len(self.pending.by_step),
             "version": self.updater.version,
+            **self.host_stats(),
         }
 
     def memory(self) -> dict[str, int]:

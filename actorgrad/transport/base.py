@@ -104,6 +104,7 @@ class Host:
         self._next_out: dict[str, int] = {}
         self._replies: dict[int, ReplyFn] = {}
         self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"ag-{core.name}")
+        core.host_stats = lambda: {"held_frames": sum(map(len, self._held.values())), "held_bytes": self.held_bytes()}
         self._cost = 0.0  # moving average of seconds per handled message
         self.task = loop.create_task(self._run())
         self._sweeper = loop.create_task(self._sweep()) if core.deadline else None

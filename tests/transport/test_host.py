@@ -92,3 +92,56 @@ async def test_gradients_leave_to_the_producer_worker_numbered_per_channel():
     assert [(to, type(msg).__name__) for to, msg in h.sent] == [("up", "Gradient")]
     assert h.sent[0][1].tensor.shape == (4, 3)
     h.host.stop()
+
+
+@pytest.mark.asyncio
+async def test_only_the_caller_sends_calls_state_and_aborts_and_a_worker_only_its_own_gradients():
+    h = Harness()
+    got = []
+    h.host.accept("intruder", 0, codec.encode(m.GetState(7, "full")), lambda data: got.append(codec.decode(data)))
+    h.host.accept("intruder", 1, codec.encode(m.SetState(8, "module", {})), lambda data: got.append(codec.decode(data)))
+    h.host.accept("intruder#3", 0, codec.encode(m.Abort(1, "x")))  # another epoch: dropped before decoding
+    await h.settle()
+    assert [type(x).__name__ for x in got] == ["Failure", "Failure"]
+    assert "may not send a GetState" in got[0].error["message"]
+    # A worker passes on gradients as itself only: one that claims another producer is dropped.
+    h.frame(m.Forward(1, 10, 1, [torch.randn(4, 3)], {}, (), True))
+    h.frame(m.Plan(2, 100, 1, (m.Expect(10, 0, ((3, 0),)),), ()))
+    await h.settle()
+    h.host.accept("evil", 0, codec.encode(m.Gradient(100, 1, 10, 0, "down", 3, 0, torch.ones(4, 2))))
+    await h.settle()
+    assert 2 not in h.replies  # the pass still waits for down's own gradient
+    h.host.accept("down", 0, codec.encode(m.Gradient(100, 1, 10, 0, "down", 3, 0, torch.ones(4, 2))))
+    await h.settle()
+    assert isinstance(h.replies[2], m.Ack)
+    h.host.stop()
+
+
+@pytest.mark.asyncio
+async def test_aborts_of_steps_not_yet_begun_are_refused():
+    h = Harness()
+    for i in range(1100):  # more than EndedSteps keeps: would have marked every later step as ended
+        h.frame(m.Abort(10**6 + i, "far future"))
+    h.frame(m.Forward(1, 10, 1, [torch.randn(4, 3)], {}, (), True))
+    await h.settle()
+    assert isinstance(h.replies[1], m.Ack)
+    assert h.core.top_step == 1 and 10**6 not in h.core.aborted
+    h.host.stop()
+
+
+@pytest.mark.asyncio
+async def test_frames_held_out_of_order_are_bounded_per_sender_and_freed(monkeypatch):
+    from actorgrad.transport import base
+
+    monkeypatch.setattr(base, "MAX_HELD_FRAMES", 8)
+    h = Harness()
+    data = codec.encode(m.Value(1, 10, 0, 5, torch.randn(64, 64)))
+    for seq in range(1, 9):  # frame 0 never comes
+        assert h.host.accept("up", seq, data) is True
+    assert h.core.stats()["held_frames"] == 8 and h.core.stats()["held_bytes"] == 8 * len(data)
+    assert h.host.accept("up", 9, data) is False  # beyond the bound: refused, and all of it dropped
+    assert h.core.stats()["held_frames"] == 0 and h.host.held_bytes() == 0
+    h.host.accept("up", 3, data)
+    h.host.forget("up")  # its connection closed: the gap can never fill
+    assert h.host.held_bytes() == 0
+    h.host.stop()
