@@ -210,15 +210,15 @@ def graph(path: Optional[Union[str, os.PathLike]] = None, *, step: Optional[int]
     return dot
 
 
-def save(path: str, timeout: Optional[float] = None) -> None:
-    """Checkpoint every worker (module state, optimizer state, step counter) to a directory."""
+def save(path: str, timeout: Optional[float] = None, key: Optional[Union[str, bytes]] = None) -> None:
+    """Checkpoint every worker (module state, optimizer state, step counter) to a directory; ``key`` signs it."""
     from .checkpoint import save_checkpoint
 
-    save_checkpoint(_current(), path, timeout)
+    save_checkpoint(_current(), path, timeout, key=key)
 
 
-def load(path: str, timeout: Optional[float] = None) -> None:
-    """Restore every worker from a checkpoint directory written by ag.save."""
+def load(path: str, timeout: Optional[float] = None, key: Optional[Union[str, bytes]] = None) -> None:
+    """Restore every worker from a checkpoint directory written by ag.save; ``key`` checks its signature."""
     from .checkpoint import load_checkpoint
 
-    load_checkpoint(_current(), path, timeout)
+    load_checkpoint(_current(), path, timeout, key=key)

@@ -130,7 +130,7 @@ class DecodeError(ActorgradError, ValueError):
 
 
 class CheckpointError(ActorgradError, RuntimeError):
-    """A checkpoint is missing, torn, tampered with, or does not match the workers."""
+    """A checkpoint is missing, torn, corrupted, wrongly signed, or does not match the workers."""
 
 
 class StepAborted(ActorgradError, RuntimeError):

@@ -11,6 +11,7 @@ import torch
 
 import actorgrad as ag
 from actorgrad import errors as E
+from actorgrad.checkpoint import read_meta
 
 
 def build(seed=0):
@@ -64,23 +65,29 @@ def test_save_refuses_an_open_step(backend, tmp_path):
     assert out is not None
     ag.step()
     ag.save(str(tmp_path / "ckpt"))
-    assert os.path.isfile(tmp_path / "ckpt" / "meta.msgpack")
+    assert read_meta(str(tmp_path / "ckpt"))["step"] == 1
 
 
 def test_overwrite_is_atomic_and_leaves_no_temporary_files(backend, tmp_path):
     workers = build()
     path = str(tmp_path / "ckpt")
     ag.save(path)
+    first = (tmp_path / "ckpt" / "LATEST").read_text().strip()
     train(workers, 1, seed=3)
     ag.save(path)
     assert sorted(os.listdir(tmp_path)) == ["ckpt"]
+    current = (tmp_path / "ckpt" / "LATEST").read_text().strip()
+    assert current != first  # a new version, and the old one is gone
+    assert sorted(os.listdir(path)) == sorted([".lock", "LATEST", current])
+    assert sorted(os.listdir(os.path.join(path, current))) == ["0.pt", "1.pt", "2.pt", "3.pt", "meta.msgpack"]
 
 
 def test_tampered_truncated_and_mismatched_checkpoints_raise_checkpoint_errors(backend, tmp_path):
     workers = build()
     path = tmp_path / "ckpt"
     ag.save(str(path))
-    files = sorted(p for p in os.listdir(path) if p.endswith(".pt"))
+    files = sorted(w["file"] for w in read_meta(str(path))["workers"])  # relative to path
+    version = (path / "LATEST").read_text().strip()
 
     bad = tmp_path / "tampered"
     import shutil
@@ -95,8 +102,8 @@ def test_tampered_truncated_and_mismatched_checkpoints_raise_checkpoint_errors(b
 
     cut = tmp_path / "truncated"
     shutil.copytree(path, cut)
-    meta = (cut / "meta.msgpack").read_bytes()
-    (cut / "meta.msgpack").write_bytes(meta[: len(meta) // 2])
+    meta = (cut / version / "meta.msgpack").read_bytes()
+    (cut / version / "meta.msgpack").write_bytes(meta[: len(meta) // 2])
     with pytest.raises(E.CheckpointError):
         ag.load(str(cut))
 
