@@ -382,6 +382,16 @@ class Runtime:
                 lines.append(f"{label}: busy (computing, or its process is stuck)")
         t = self.timeout if timeout is None else timeout
         first = waiting[0] if waiting else (None, None)
+        # A worker whose process is still starting (Ray placing it, torch importing, a big module
+        # unpickling) is the cause, not the step: say so first, and name that worker.
+        starting = getattr(self.transport, "starting", None)
+        slow = [n for n in sorted(self.workers) if starting is not None and starting(n) is not None]
+        if slow:
+            who = f"workers {', '.join(repr(n) for n in slow)} were" if len(slow) > 1 else f"worker '{slow[0]}' was"
+            text = f"{who} still starting, before the step could run there ({text})"
+            lines += [f"worker '{n}': still starting" for n in slow if all(w != n for w, _ in waiting)]
+            if first[0] not in slow:
+                first = (slow[0], None)
         err = E.DeadlineExceeded(
             f"deadline of {t:g}s passed while {text}; still missing:\n    " + "\n    ".join(lines or ["(nothing reported)"]),
             worker=first[0], call=first[1], step=step.id if step is not None else None)
@@ -396,7 +406,7 @@ class Runtime:
               num_cpus: Optional[float], num_gpus: Optional[float], resources: Optional[dict], device: Any,
               max_restarts: Optional[int] = None) -> Worker:
         """Place ``module`` in a worker of its own."""
-        from .core.rules import CallableRule, make_rule
+        from .core.rules import make_rule
         from .module import has_custom_backward
         from .optim import normalize_optimizer
 
@@ -460,9 +470,12 @@ class Runtime:
                     isinstance(k, str) and isinstance(v, (int, float)) and v >= 0 for k, v in resources.items())):
                 raise E.ConfigError(f"resources must map names to amounts >= 0, got {resources!r}", worker=name)
             threads = int(num_cpus) if num_cpus else None
-            spec = WorkerSpec(name=name, module=module, optimizer=opt, update=update, max_staleness=max_staleness,
+            # A named rule travels as the rule itself: a worker process may not have the user's register_rule.
+            spec = WorkerSpec(name=name, module=module, optimizer=opt,
+                              update=rule if isinstance(update, str) else update, max_staleness=max_staleness,
                               device=device, num_threads=threads, trace=self.tracer.enabled,
-                              check_finite=self.check_finite, deadline=self.worker_timeout)
+                              check_finite=self.check_finite, deadline=self.worker_timeout,
+                              custom_backward=has_custom_backward(module))
             check = getattr(self.transport, "check_feasible", None)
             if check is not None:
                 check(name, {"CPU": num_cpus or 0, "GPU": num_gpus or 0, **(resources or {})})
@@ -475,7 +488,7 @@ class Runtime:
             handle = Worker(self, name, actor, cls)
             self.workers[name] = WorkerInfo(
                 name=name, module_class=cls, trainable=any(p.requires_grad for p in params),
-                has_optimizer=opt is not None, custom_rule=isinstance(rule, CallableRule),
+                has_optimizer=opt is not None, custom_rule=not rule.needs_optimizer,
                 custom_backward=has_custom_backward(module),
                 options=options, handle=handle, placed=not deferred, optimizer=opt)
             self._workers_changed += 1

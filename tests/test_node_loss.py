@@ -17,7 +17,7 @@ import actorgrad as ag
 from actorgrad import errors as E
 
 from conftest import actor_nodes, free_port, ray_init_args, wait_process_gone, worker_pid
-from test_recovery import EVERY, STEPS, assert_equal, batch, oracle, params, spawn_all
+from test_recovery import EVERY, STEPS, assert_equal, batch, big_oracle, oracle, params, spawn_all, spawn_big
 
 NO_MARKER = "/nonexistent"  # the model's 'mid' never crashes by itself here: its node is lost
 PLACES = {"enc": {"home": 1}, "mid": {"spot": 1}, "act": {"home": 1}, "head": {"home": 1}, "mse": {"home": 1}}
@@ -97,3 +97,28 @@ def test_node_lost_without_replacement_names_the_worker_and_is_not_recovered(clu
     assert info.value.worker == "mid" and not info.value.recovered
     assert "mid" in str(info.value) and "did not come back within 15s" in str(info.value)
     assert time.monotonic() - t0 < 15 + 30  # the runtime's deadline, plus the failure's own detection
+
+
+def test_node_lost_with_a_large_module_recovers_exactly(cluster, tmp_path, caplog):
+    """The restarted worker's spec comes from the caller's node: losing the worker's node loses no copy."""
+    caplog.set_level(logging.WARNING, logger="actorgrad")
+    c, spot = cluster
+    steps = 6
+    ag.init(backend="ray", timeout=120, recover=True, checkpoint_every=EVERY, checkpoint_dir=str(tmp_path / "ck"))
+    places = {"enc": {"home": 1}, "big": {"spot": 1}, "act": {"home": 1}, "head": {"home": 1}, "mse": {"home": 1}}
+    workers, step_fn = spawn_big(1024, resources=places)  # 4 MiB: far above what Ray inlines (100 KiB)
+    pid = worker_pid(workers[1].actor)
+    lost = []
+
+    def fn(s: int) -> None:
+        if s == 5 and not lost:
+            c.remove_node(spot, allow_graceful=False)
+            wait_process_gone(pid)
+            lost.append(c.add_node(num_cpus=1, resources={"spot": 1}))
+        step_fn(s)
+
+    reports = ag.train(fn, steps)
+    assert lost and [r.step for r in reports] == list(range(1, steps + 1))
+    recovering = [r.getMessage() for r in caplog.records if "recovering from" in r.getMessage()]
+    assert len(recovering) == 1 and "the node it ran on" in recovering[0], recovering
+    assert_equal(params(workers), big_oracle(steps, 1024))

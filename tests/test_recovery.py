@@ -163,6 +163,73 @@ def test_kill_between_steps_then_train_replays(recovering):
     assert workers[0](x).value().shape == (16, 8)
 
 
+BIG = 2048  # nn.Linear(2048, 2048): 16 MiB of float32 weights
+
+
+def big_batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(2000 + step)
+    return torch.randn(8, 4, generator=g), torch.randn(8, 1, generator=g)
+
+
+def big_modules(width: int = BIG):
+    torch.manual_seed(0)
+    return torch.nn.Linear(4, width), torch.nn.Linear(width, width), torch.nn.Linear(width, 1)
+
+
+def big_oracle(steps: int, width: int = BIG) -> list[torch.Tensor]:
+    mods = big_modules(width)
+    opts = [torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9) for m in mods]
+    for s in range(1, steps + 1):
+        x, y = big_batch(s)
+        loss = torch.nn.functional.mse_loss(mods[2](torch.tanh(mods[1](mods[0](x)))), y)
+        for o in opts:
+            o.zero_grad()
+        loss.backward()
+        for o in opts:
+            o.step()
+    return [p.detach().clone() for m in mods for p in m.parameters()]
+
+
+def spawn_big(width: int = BIG, resources: Optional[dict[str, dict[str, float]]] = None):
+    """enc -> big -> tanh -> head -> MSE, 'big' a width x width Linear (16 MiB at the default)."""
+    res = resources or {}
+    enc, big, head = big_modules(width)
+    opt = ag.Optim(torch.optim.SGD, lr=0.01, momentum=0.9)
+    workers = [ag.spawn(m, name=n, optimizer=opt, resources=res.get(n))
+               for n, m in (("enc", enc), ("big", big), ("head", head))]
+    act = ag.spawn(torch.nn.Tanh(), name="act", resources=res.get("act"))
+    mse = ag.spawn(torch.nn.MSELoss(), name="mse", resources=res.get("mse"))
+
+    def step_fn(s: int) -> None:
+        x, y = big_batch(s)
+        mse(workers[2](act(workers[1](workers[0](x)))), y).backward()
+
+    return workers, step_fn
+
+
+def test_kill_of_a_16mib_module_recovers_exactly(recovering, caplog):
+    """Ray frees a large constructor argument after the start: the restart must not need it."""
+    import logging
+
+    caplog.set_level(logging.WARNING, logger="actorgrad")
+    steps = 6
+    workers, step_fn = spawn_big()
+    big = workers[1]
+    assert sum(p.numel() * 4 for p in big_modules()[1].parameters()) >= 16 * 2**20
+    killed = []
+
+    def fn(s: int) -> None:
+        if s == 5 and not killed:
+            kill_worker(big.actor, no_restart=False)  # after the checkpoint of step 3: 4 and 5 replay
+            killed.append(time.monotonic())
+        step_fn(s)
+
+    reports = ag.train(fn, steps)
+    assert killed and [r.step for r in reports] == list(range(1, steps + 1))
+    assert sum("recovered: every worker restored to step 3" in r.getMessage() for r in caplog.records) == 1
+    assert_equal(params(workers), big_oracle(steps))
+
+
 def test_kill_without_recovery_names_worker_and_others_stay_usable(ray_session):
     ray_session()
     ag.init(backend="ray", timeout=60)

@@ -19,6 +19,7 @@ import logging
 import os
 import sys
 import threading
+import time
 import uuid
 from typing import Any, Optional
 
@@ -27,19 +28,23 @@ import ray.exceptions
 
 from .. import errors as E
 from ..core.worker import WorkerCore, WorkerSpec
+from . import death
 from .base import CALLER, Host, epoch_of, sender_key
-from .channels import MSG, Channel, ChannelServer, pack_frame
+from .channels import MSG, Channel, ChannelConfig, ChannelServer, pack_frame
 
 log = logging.getLogger("actorgrad.transport.ray")
 
 # Every pending request holds one slot of an async actor; they must never run out.
 _MAX_CONCURRENCY = 100_000
+# Ray passes arguments up to this size inside the task spec (max_direct_call_object_size).
+_INLINE_BYTES = 100 * 1024
 
 
 class RayHost:
     """The actor: a thin shell around Host and WorkerCore."""
 
-    def __init__(self, spec: WorkerSpec, namespace: str, epoch: int = 0) -> None:
+    def __init__(self, spec: WorkerSpec, namespace: str, epoch: int = 0,
+                 channel_config: Optional[ChannelConfig] = None) -> None:
         import torch
 
         torch.set_num_threads(max(1, int(spec.num_threads or 1)))
@@ -53,14 +58,20 @@ class RayHost:
         self._server: Optional[ChannelServer] = None
         self._node = ray.get_runtime_context().get_node_id()
         self._epoch = epoch
+        # The runtime's channel secret and limits, handed over by Ray (authenticated); None: Ray calls only.
+        self._config = channel_config
 
     def _ensure_host(self) -> Host:
         if self._host is None:
             self._host = Host(self._core, self._send, asyncio.get_running_loop(), inline=True, epoch=self._epoch)
         return self._host
 
-    def _accept(self, sender: str, seq: int, data: bytes, reply: Any = None) -> None:
-        self._ensure_host().accept(sender, seq, data, reply)
+    def _accept(self, sender: str, seq: int, data: bytes, reply: Any = None) -> bool:
+        return self._ensure_host().accept(sender, seq, data, reply)
+
+    def _sender_gone(self, sender: str) -> None:
+        if self._host is not None:
+            self._host.forget(sender)
 
     async def reset(self, epoch: int) -> str:
         """Recovery: forget every step and peer connection, and take frames of ``epoch`` only."""
@@ -78,7 +89,10 @@ class RayHost:
         """Start serving direct channels (once); return where peers connect."""
         host = self._ensure_host()
         if self._server is None:
-            self._server = ChannelServer(self._accept, self._core.name, ray.util.get_node_ip_address())
+            if self._config is None:
+                raise E.ConfigError("this worker was started without channels", worker=self._core.name)
+            self._server = ChannelServer(self._accept, self._core.name, ray.util.get_node_ip_address(),
+                                         self._config, gone=self._sender_gone)
             self._server_started = asyncio.ensure_future(self._server.start(self._node))
         # Peers and the caller may ask at the same time: all wait for the one start.
         return await asyncio.shield(self._server_started)
@@ -97,7 +111,9 @@ class RayHost:
         if self._server is not None:  # channels are on: the caller asked for our address
             ch = self._channels.get(to)
             if ch is None:
-                ch = Channel(asyncio.get_running_loop(), to, lambda: self._peer_address(to), self._node)
+                assert self._config is not None  # a server implies a config
+                ch = Channel(asyncio.get_running_loop(), to, lambda: self._peer_address(to), self._node,
+                             self._config, identity=self._core.name)
                 self._channels[to] = ch
             if ch.failed is None:
                 ch.send(pack_frame(MSG, sender, seq, None, data))
@@ -128,6 +144,14 @@ class RayHost:
         self._ensure_host().accept(sender, seq, data, reply)
         return await fut
 
+    async def channel_stats(self) -> dict:
+        """What this worker's channel server has accepted and refused, and what its Host holds back."""
+        import dataclasses
+
+        out = dataclasses.asdict(self._server.stats) if self._server is not None else {}
+        out["held_bytes"] = self._host.held_bytes() if self._host is not None else 0
+        return out
+
     async def probe(self) -> list[str]:
         """What this worker still waits for."""
         return self._ensure_host().describe_missing()
@@ -152,6 +176,72 @@ class RayHost:
     async def node_id(self) -> str:
         """The Ray node this worker runs on."""
         return ray.get_runtime_context().get_node_id()
+
+
+def _identity(_host: Any) -> dict:
+    """Who a worker process is (run through __ray_call__, so after its constructor finished)."""
+    ctx = ray.get_runtime_context()
+    return {"pid": os.getpid(), "worker_id": ctx.get_worker_id(), "node_id": ctx.get_node_id(),
+            "ip": ray.util.get_node_ip_address()}
+
+
+def _ray_death_text(actor_id: Optional[str], ident: dict) -> Optional[str]:
+    """What Ray's control store (GCS) says about a dead worker, or None while it says nothing yet."""
+    from ray._private import state as ray_state  # the GCS itself: no dashboard needed, answers in ms
+
+    accessor = ray_state.state._connect_and_get_accessor()
+    if ident.get("node_id"):
+        # A lost node is the root cause: its workers' entries then say little or nothing.
+        for node in ray.nodes():
+            if node.get("NodeID") == ident["node_id"] and not node.get("Alive"):
+                why = node.get("DeathReasonMessage") or ""
+                return f"The actor died because its node has died. Node Id: {ident['node_id']}" + (
+                    f"\nnode death reason: {why}" if why else "")
+    if ident.get("worker_id"):
+        # The worker table keeps each process's exit even after Ray restarted the actor.
+        from ray.core.generated import common_pb2, gcs_pb2
+
+        raw = accessor.get_worker_info(ray.WorkerID(bytes.fromhex(ident["worker_id"])))
+        if raw is not None:
+            info = gcs_pb2.WorkerTableData.FromString(raw)
+            if not info.is_alive and (info.exit_detail or info.HasField("exit_type")):
+                kind = common_pb2.WorkerExitType.Name(info.exit_type) if info.HasField("exit_type") else ""
+                return f"{kind}: {info.exit_detail}"
+    if actor_id:
+        table = ray_state.actors(actor_id)
+        if table and table.get("State") == "DEAD" and table.get("DeathCause") is not None:
+            cause = table["DeathCause"]
+            which = cause.WhichOneof("context")
+            if which == "actor_died_error_context":
+                ctx = cause.actor_died_error_context
+                text = f"{ctx.error_message} ({type(ctx).Reason.Name(ctx.reason)})"
+                if ctx.HasField("node_death_info") and ctx.node_death_info.reason_message:
+                    text += f"\nnode death reason: {ctx.node_death_info.reason_message}"
+                return text
+            if which == "creation_task_failure_context":
+                return "error raised in its creation task:\n" + cause.creation_task_failure_context.formatted_exception_string
+            if which is not None:
+                return f"{which}: {getattr(cause, which).error_message}"
+    return None
+
+
+def _node_silent(node_id: str, timeout: float = 0.5) -> Optional[str]:
+    """A text for a worker's node whose raylet does not accept connections; None if it does.
+
+    Ray declares a node dead only after its health checks fail for several seconds; a raylet that
+    refuses or ignores a connection tells sooner that the node itself is gone.
+    """
+    import socket
+
+    for node in ray.nodes():
+        if node.get("NodeID") == node_id and node.get("Alive"):
+            host, port = node.get("NodeManagerAddress"), node.get("NodeManagerPort")
+            try:
+                socket.create_connection((host, port), timeout=timeout).close()
+                return None
+            except OSError as exc:
+                return f"NODE_UNREACHABLE: the raylet of node {node_id} at {host}:{port} does not answer ({exc})"
+    return None
 
 
 def _register_user_modules(*objs: Any) -> None:
@@ -209,12 +299,22 @@ class RayTransport:
         self._tokens = itertools.count(1)
         self._waiting: dict[str, dict[int, cf.Future]] = {}
         self._chans: dict[str, Channel] = {}
+        # Recovery restarts a worker from its spec: ours, kept in the object store until kill/close.
+        self._spec_refs: dict[str, Any] = {}
+        # Per worker: when its (re)start began, a future set once its constructor ran, and who it is
+        # then (pid, Ray worker and node ids): what a death-cause lookup asks Ray about.
+        self._start: dict[str, tuple[float, cf.Future]] = {}
+        self._ident: dict[str, dict] = {}
+        self._deaths: dict[str, cf.Future] = {}  # one death-cause lookup per worker incarnation
+        self._death_lock = threading.Lock()
         self._io: Optional[asyncio.AbstractEventLoop] = None
         # Frames from the caller thread, flushed by the IO thread: one wake-up per burst, not per frame.
         self._outq: list[tuple[str, int, Optional[int], bytes, str]] = []
         self._outq_lock = threading.Lock()
         self._flush_scheduled = False
         self.caller = CALLER  # the sender field of our frames; changes with each recovery epoch
+        # One secret per runtime: only processes that got it through Ray can use the workers' channels.
+        self.channel_config: Optional[ChannelConfig] = ChannelConfig.create() if channels else None
         if self.channels:
             self._io = asyncio.new_event_loop()
             self._io_thread = threading.Thread(target=self._io.run_forever, name="actorgrad-io", daemon=True)
@@ -278,21 +378,107 @@ class RayTransport:
             opts["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
                 placement_group=options["placement_group"], placement_group_bundle_index=options["bundle_index"])
             opts["num_cpus"] = options.get("bundle_cpus", opts["num_cpus"])
-        actor = ray.remote(RayHost).options(**opts).remote(spec, self.namespace, epoch_of(self.caller))
+        actor = ray.remote(RayHost).options(**opts).remote(self._spec_arg(spec, opts), self.namespace,
+                                                           epoch_of(self.caller),
+                                                           self.channel_config)
         self._actors[spec.name] = actor
+        self._watch_start(spec.name, actor)
         if self._io is not None:
             self._waiting[spec.name] = {}
             self._open_channel(spec.name, actor)
         return actor
+
+    def _spec_arg(self, spec: WorkerSpec, opts: dict[str, Any]) -> Any:
+        """The spec as the actor's constructor argument: in the object store when Ray may restart it."""
+        if not opts.get("max_restarts"):
+            return spec
+        # Ray inlines a small argument into the actor's task spec, which a restart reuses; a large
+        # one it keeps in the object store and frees once the actor has started, and a restart then
+        # fails (ReferenceCountingAssertionError). An object we put and hold stays until kill/close;
+        # its primary copy is in this process's node, so losing a worker's node does not lose it.
+        state = spec.module.state_dict().values()
+        tensors = sum(t.numel() * t.element_size() for t in state if hasattr(t, "numel"))
+        if tensors < _INLINE_BYTES // 2:
+            from ray import cloudpickle
+
+            if len(cloudpickle.dumps(spec)) < _INLINE_BYTES // 2:
+                return spec
+        ref = ray.put(spec)
+        self._spec_refs[spec.name] = ref
+        return ref
+
+    def _watch_start(self, name: str, actor: Any) -> None:
+        """Note when the worker's constructor has run (and which process it is) without waiting for it."""
+        done: cf.Future = cf.Future()
+        self._start[name] = (time.monotonic(), done)
+        ref = actor.__ray_call__.remote(_identity)
+
+        def started(f: cf.Future) -> None:
+            try:
+                ident = f.result()
+            except Exception:  # it died starting: not "still starting" any more
+                ident = None
+            if self._start.get(name, (0.0, None))[1] is done:  # not a call of an older incarnation
+                if ident is not None:
+                    self._ident[name] = ident
+                done.set_result(ident)
+
+        ref.future().add_done_callback(started)
+
+    def starting(self, worker: str) -> Optional[float]:
+        """Seconds this worker has been starting (Ray placing it, its constructor running); None once up."""
+        start = self._start.get(worker)
+        if start is None or start[1].done():
+            return None
+        return time.monotonic() - start[0]
+
+    def _death_reason(self, worker: str, timeout: float = 2.0) -> Optional[str]:
+        """Ask Ray, for at most ``timeout`` seconds, why the worker's process died; None if it does not say."""
+        ident = dict(self._ident.get(worker) or {})
+        actor = self._actors.get(worker)
+        actor_id = actor._actor_id.hex() if actor is not None else None
+        start = time.monotonic()
+        asked_node = False
+        while True:
+            try:
+                text = _ray_death_text(actor_id, ident)
+                if not text and not asked_node and ident.get("node_id") and time.monotonic() - start > 0.5:
+                    asked_node = True  # a process death is in Ray's tables by now: is the node gone?
+                    text = _node_silent(ident["node_id"])
+            except Exception as exc:  # a private Ray API that changed, or the GCS unreachable
+                log.debug("no death cause for %s from Ray: %r", worker, exc)
+                return None
+            if text:
+                return death.describe(text, pid=ident.get("pid"))
+            if time.monotonic() - start > timeout:
+                return None
+            time.sleep(0.05)  # Ray learns of a death a few ms after the channel drops
+
+    def _explain_death(self, worker: str) -> cf.Future:
+        """The (shared) lookup of why this incarnation of the worker died; its result may be None."""
+        with self._death_lock:
+            fut = self._deaths.get(worker)
+            if fut is None:
+                fut = self._deaths[worker] = cf.Future()
+
+                def look() -> None:
+                    try:
+                        fut.set_result(self._death_reason(worker))
+                    except BaseException:
+                        fut.set_result(None)
+
+                threading.Thread(target=look, name=f"actorgrad-death-{worker}", daemon=True).start()
+        return fut
 
     def _open_channel(self, name: str, actor: Any) -> None:
         assert self._io is not None
         addr = actor.address.remote()
 
         def open_channel() -> None:
+            assert self.channel_config is not None
             self._chans[name] = Channel(
-                self._io, name, lambda: asyncio.wrap_future(addr.future()), self._node,
-                on_reply=lambda token, data: self._on_reply(name, token, data),
+                self._io, name, lambda: asyncio.wrap_future(addr.future()), self._node, self.channel_config,
+                identity=CALLER, on_reply=lambda token, data: self._on_reply(name, token, data),
                 on_lost=lambda why: self._on_lost(name, why))
 
         self._io.call_soon_threadsafe(open_channel)
@@ -326,15 +512,25 @@ class RayTransport:
                 except ray.exceptions.ActorUnavailableError:
                     pass  # restarting: Ray refuses calls until the new process is up
                 except ray.exceptions.GetTimeoutError:
-                    raise E.WorkerDied(f"the worker did not come back within {timeout:g}s of its death",
-                                       worker=name) from None
+                    raise E.WorkerDied(f"the worker did not come back within {timeout:g}s of its death"
+                                       f"{self._known_death(name)}", worker=name) from None
                 except ray.exceptions.RayActorError as exc:
+                    why = death.describe(getattr(exc, "error_msg", None) or str(exc))
+                    if why is not None and why.startswith("it failed while starting"):
+                        raise E.WorkerDied(f"the worker died{self._known_death(name)} and its restarted process "
+                                           f"failed while starting: {why.split(': ', 1)[1]}", worker=name) from None
                     raise E.WorkerDied(f"the worker cannot be restarted (its restarts are used up, or its "
-                                       f"node is gone): {exc}", worker=name) from None
+                                       f"node is gone){self._known_death(name)}: "
+                                       f"{why or exc}", worker=name) from None
                 if _time.monotonic() > deadline:
-                    raise E.WorkerDied(f"the worker did not come back within {timeout:g}s of its death",
-                                       worker=name)
+                    raise E.WorkerDied(f"the worker did not come back within {timeout:g}s of its death"
+                                       f"{self._known_death(name)}", worker=name)
                 _time.sleep(0.2)
+        for name in names:
+            # New processes: a later death is looked up afresh, about them.
+            self._watch_start(name, self._actors[name])
+        with self._death_lock:
+            self._deaths.clear()
         refs = {n: self._actors[n].reset.remote(epoch) for n in names}
         for name, ref in refs.items():
             try:
@@ -344,7 +540,7 @@ class RayTransport:
                                    worker=name) from None
         self.caller = sender_key(CALLER, epoch)
         for name in names:
-            self._on_lost(name, "the runtime is recovering")
+            self._on_lost(name, "the runtime is recovering", explain=False)
         if self._io is not None:
             with self._outq_lock:
                 self._outq = []  # frames of the old epoch
@@ -358,15 +554,39 @@ class RayTransport:
         if fut is not None and not fut.done():
             fut.set_result(data)
 
-    def _on_lost(self, worker: str, why: str) -> None:
+    def _known_death(self, worker: str) -> str:
+        """' (<why it died>)' when a finished lookup knows, else ''."""
+        fut = self._deaths.get(worker)
+        reason = fut.result() if fut is not None and fut.done() else None
+        return f" ({reason})" if reason else ""
+
+    def _on_lost(self, worker: str, why: str, explain: bool = True) -> None:
         waiting = self._waiting.get(worker, {})
+        lost = []
         for token in list(waiting):
             # Runs on the IO thread, and on the caller's during a recovery reset: a reply may
             # have taken this token in between.
             fut = waiting.pop(token, None)
             if fut is not None and not fut.done():
-                fut.set_exception(E.WorkerDied(f"lost the connection to the worker ({why}): its process died or "
-                                               "could not start", worker=worker))
+                lost.append(fut)
+        if not lost:
+            return
+        if not explain:
+            for fut in lost:
+                fut.set_exception(E.WorkerDied(f"lost the connection to the worker ({why})", worker=worker))
+            return
+
+        def fail(lookup: cf.Future) -> None:
+            reason = lookup.result() or f"{death.GENERIC} (Ray gave no cause)"
+            for fut in lost:
+                try:
+                    fut.set_exception(E.WorkerDied(f"lost the connection to the worker ({why}): {reason}",
+                                                   worker=worker))
+                except cf.InvalidStateError:  # a reply won the race
+                    pass
+
+        # The channel dropped before Ray knew why: ask it (bounded) off this thread, then fail the requests.
+        self._explain_death(worker).add_done_callback(fail)
 
     def _enqueue(self, worker: str, seq: int, token: Optional[int], data: bytes) -> None:
         with self._outq_lock:
@@ -422,7 +642,13 @@ class RayTransport:
             try:
                 out.set_result(f.result())
             except ray.exceptions.RayActorError as exc:
-                out.set_exception(E.WorkerDied(f"the worker's process died or could not start: {exc}", worker=worker))
+                # A dead actor's error carries Ray's cause; a restarting one's does not: ask Ray.
+                why = death.describe(getattr(exc, "error_msg", None) or str(exc))
+                if why is not None:
+                    out.set_exception(E.WorkerDied(f"the worker's process died: {why}", worker=worker))
+                    return
+                self._explain_death(worker).add_done_callback(lambda lookup: out.set_exception(E.WorkerDied(
+                    f"the worker's process died: {lookup.result() or f'{death.GENERIC} ({exc})'}", worker=worker)))
             except Exception as exc:  # Ray-level failure on the way
                 out.set_exception(E.WorkerError(f"Ray could not deliver the request: {exc}", worker=worker))
 
@@ -431,8 +657,18 @@ class RayTransport:
 
     def probe(self, worker: str, timeout: float) -> list[str]:
         """Ask a worker what it still waits for (bounded by ``timeout``)."""
+        started = self.starting(worker)
+        if started is not None:
+            # Its constructor has not run yet: nothing of any step can have reached it.
+            return [f"still starting ({started:.1f}s so far): Ray is placing its process, or the process is "
+                    "importing torch and unpickling the module"]
         try:
             return ray.get(self._actor(worker).probe.remote(), timeout=timeout)
+        except ray.exceptions.GetTimeoutError:
+            return [f"(no answer within {timeout:g}s: its event loop is busy or stuck)"]
+        except ray.exceptions.RayActorError as exc:
+            why = death.describe(getattr(exc, "error_msg", None) or str(exc)) or death.GENERIC
+            return [f"(no answer: {why})"]
         except Exception as exc:
             return [f"(no answer: {type(exc).__name__})"]
 
@@ -447,6 +683,8 @@ class RayTransport:
                 ray.kill(actor, no_restart=True)
             except Exception:  # already dead
                 pass
+        self._spec_refs.pop(worker, None)  # never restarted again: Ray may free the spec now
+        self._start.pop(worker, None)
 
     def close(self) -> None:
         """Stop and kill every worker; shut Ray down if this transport started it."""

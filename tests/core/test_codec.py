@@ -85,6 +85,16 @@ def _raw(*fields):
         (_raw(3, 1, 1, 0, 0, msgpack.ExtType(42, b"")), "unknown extension"),
         (_raw(1, 1, 2, 3, [msgpack.ExtType(2, msgpack.packb(4))], {}, [], True), "slot 4 has no ref"),
         (_raw(3, 1, 1, 0, 0, "not a tensor"), "expected a tensor"),
+        (_raw(11, 1, msgpack.Timestamp(1, 0)), "unknown extension type -1"),
+        (_raw(11, 1, {True: 1}), "map keys must be str or int"),
+        (_raw(11, 1, {1.5: 1}), "map keys must be str or int"),
+        (_raw(11, 1, msgpack.ExtType(2, msgpack.packb("x"))), "input slot must hold exactly one integer"),
+        (_raw(11, 1, msgpack.ExtType(2, msgpack.packb(-1))), "invalid input slot -1"),
+        (_raw(11, 1, msgpack.ExtType(3, msgpack.packb({}))), "a tuple must be packed as a list"),
+        (_raw(11, 1, msgpack.ExtType(1, b"")), "a tensor needs a header"),
+        (_raw(11, 1, msgpack.ExtType(1, b"\x00")), "a tensor needs a header"),
+        (_raw(11, 1, [[[[]]]] * 2) + b"\x00", "bytes left over"),
+        (_raw(11, 1, "x")[:-1], "ends early"),
     ],
 )
 def test_malformed_messages_raise_decode_error(data, words):
