@@ -10,7 +10,7 @@ import logging
 from . import errors
 from .api import (backward, graph, init, is_initialized, load, no_grad, placement, save, shutdown, spawn, step, train,
                   trace)
-from .core.rules import UpdateContext
+from .core.rules import Rule, UpdateContext, register_rule
 from .handles import Node, Pass, StepHandle, StepReport, Worker, WorkerReport
 from .module import Module
 from . import nn
@@ -45,6 +45,8 @@ __all__ = [
     "StepReport",
     "WorkerReport",
     "UpdateContext",
+    "Rule",
+    "register_rule",
     "FeedbackAlignment",
     "StraightThrough",
     "SyntheticGradient",

@@ -11,6 +11,7 @@ from typing import Any, Callable, Iterator, Optional, Sequence, Union
 import torch
 
 from . import errors as E
+from . import recovery
 from .handles import Node, Pass, StepHandle, StepReport, Worker, as_nodes
 from .runtime import DEFAULT_TIMEOUT, Runtime
 
@@ -212,13 +213,12 @@ def graph(path: Optional[Union[str, os.PathLike]] = None, *, step: Optional[int]
 
 def save(path: str, timeout: Optional[float] = None, key: Optional[Union[str, bytes]] = None) -> None:
     """Checkpoint every worker (module state, optimizer state, step counter) to a directory; ``key`` signs it."""
-    from .checkpoint import save_checkpoint
-
-    save_checkpoint(_current(), path, timeout, key=key)
+    recovery.save(_current(), path, timeout, key=key)
 
 
 def load(path: str, timeout: Optional[float] = None, key: Optional[Union[str, bytes]] = None) -> None:
-    """Restore every worker from a checkpoint directory written by ag.save; ``key`` checks its signature."""
-    from .checkpoint import load_checkpoint
+    """Restore every worker from a checkpoint directory written by ag.save; ``key`` checks its signature.
 
-    load_checkpoint(_current(), path, timeout, key=key)
+    Steps still open are abandoned; training goes on from the checkpoint's step (a rewind works too).
+    """
+    recovery.load(_current(), path, timeout, key=key)

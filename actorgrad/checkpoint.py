@@ -32,10 +32,9 @@ signing key (``key=`` or the ``ACTORGRAD_CHECKPOINT_KEY`` environment variable)
 ``meta.msgpack`` is authenticated with HMAC-SHA256, and through its SHA-256s
 every file.
 
-Two layers: the on-disk format (``write_checkpoint``, ``open_checkpoint``,
-``read_checkpoint``, ``verify``, ``read_meta``) takes no runtime;
-``save_checkpoint`` / ``load_checkpoint`` gather and restore a runtime's state
-through it.
+This module is the on-disk format only (``write_checkpoint``,
+``open_checkpoint``, ``read_checkpoint``, ``verify``, ``read_meta``) and knows
+no runtime; ``recovery.py`` gathers and restores the workers' states through it.
 """
 
 from __future__ import annotations
@@ -50,15 +49,13 @@ import re
 import secrets
 import stat
 import time
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Optional, Union
+from typing import Any, Callable, Iterable, Optional, Union
 
 import msgpack
 import torch
 
 from . import errors as E
 
-if TYPE_CHECKING:
-    from .runtime import Runtime
 
 log = logging.getLogger("actorgrad.checkpoint")
 
@@ -70,7 +67,7 @@ LOCK = ".lock"
 SIGNATURE = "meta.hmac"
 KEY_ENV = "ACTORGRAD_CHECKPOINT_KEY"
 # Options that change what the saved state means; the others (placement, threads) may differ.
-_MUST_MATCH = ("update", "max_staleness", "optimizer")
+MUST_MATCH = ("update", "max_staleness", "optimizer")
 
 _VERSION_RE = re.compile(r"v-(\d{8,})-([0-9a-f]{8})\Z")
 _POINTER_TMP = ".LATEST.tmp-"
@@ -719,72 +716,3 @@ def read_meta(path: str, key: Key = None) -> dict[str, Any]:
     """Read and check a checkpoint's metadata; each worker's ``file`` is relative to ``path``."""
     with open_checkpoint(path, key) as snap:
         return snap.meta
-
-
-# --- the runtime's side ----------------------------------------------------------------
-
-
-def _plain_options(options: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in options.items() if v is None or isinstance(v, (bool, int, float, str, dict))}
-
-
-def save_checkpoint(rt: "Runtime", path: str, timeout: Optional[float] = None, key: Key = None) -> None:
-    """Write a consistent checkpoint of every worker, between steps, atomically."""
-    with rt._lock:
-        rt._check_open()
-        for earlier in list(rt._closing):
-            rt.wait_step(earlier, timeout)
-        if rt.step.participants():
-            raise E.CheckpointError(
-                f"step {rt.step.id} has calls in flight; call ag.step() before ag.save()", step=rt.step.id)
-        step = rt.step.id - 1
-        workers = sorted(rt.workers.items())
-
-        def gather() -> Iterable[Entry]:
-            for name, info in workers:  # one state at a time: only one module's copy is in memory
-                yield name, info.module_class, _plain_options(info.options), rt.get_state(name, "full", timeout)
-
-        # Waiting for another saver counts against the deadline too: a hung saver must not hang us forever.
-        lock_timeout = rt.timeout if timeout is None else timeout
-        write_checkpoint(path, step, gather(), key=key, lock_timeout=lock_timeout)
-        log.info("saved checkpoint of %d workers at step %d to %s", len(workers), step, path)
-
-
-def load_checkpoint(rt: "Runtime", path: str, timeout: Optional[float] = None, key: Key = None) -> None:
-    """Restore every worker (matched by name) and the step counter from a checkpoint."""
-    with rt._lock:
-        rt._check_open()
-        with open_checkpoint(path, key) as snap:
-            meta = snap.meta
-            entries = {w["name"]: w for w in meta["workers"]}
-            missing = sorted(set(rt.workers) - set(entries))
-            extra = sorted(set(entries) - set(rt.workers))
-            if missing:
-                raise E.CheckpointError(f"the checkpoint has no entry for worker(s) {missing}", worker=missing[0])
-            if extra:
-                raise E.CheckpointError(f"the checkpoint holds worker(s) {extra} that this runtime has not spawned",
-                                        worker=extra[0])
-            for name, entry in sorted(entries.items()):
-                info = rt.workers[name]
-                if entry.get("class") != info.module_class:
-                    raise E.CheckpointError(
-                        f"the checkpoint holds a {entry.get('class')} for this worker, but it runs a "
-                        f"{info.module_class}", worker=name)
-                saved_opts = entry.get("options") if isinstance(entry.get("options"), dict) else {}
-                for opt in _MUST_MATCH:
-                    if opt in saved_opts and opt in info.options and saved_opts[opt] != info.options[opt]:
-                        raise E.CheckpointError(
-                            f"the checkpoint was taken with {opt}={saved_opts[opt]!r} for this worker, but it runs "
-                            f"with {opt}={info.options[opt]!r}", worker=name)
-            # Every state is read (and checked) before any worker changes: a bad file leaves all as they were.
-            states = {name: snap.state(name) for name in sorted(entries)}
-        for name, state in states.items():
-            try:
-                rt.set_state(name, "full", state, timeout)
-            except (E.ShapeError, E.ConfigError) as err:
-                raise E.CheckpointError(f"the checkpoint does not fit the worker: {err.message}", worker=name) from err
-        if not rt.step.participants():
-            rt._steps.pop(rt.step.id, None)
-            rt.step.id = meta["step"] + 1
-            rt._steps[rt.step.id] = rt.step
-        log.info("loaded checkpoint of %d workers at step %d from %s", len(states), meta["step"], path)

@@ -3,13 +3,29 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, replace
-from typing import TYPE_CHECKING, Any, Optional, Sequence, Union
+from typing import Any, Optional, Protocol, Sequence, Union
 
 import torch
 
-if TYPE_CHECKING:
-    from .core.graph import CallRecord
-    from .runtime import PassRecord, Runtime, StepRecord
+from .core.caller import PassRecord, StepRecord
+from .core.graph import CallRecord
+
+
+class Runtime(Protocol):
+    """What handles ask of the runtime: the few calls a user's handle turns into."""
+
+    closed: bool
+    backend: str
+
+    def call(self, worker: str, args: tuple, kwargs: dict) -> Any: ...
+    def fetch(self, node: "Node", timeout: Optional[float]) -> torch.Tensor: ...
+    def track(self, node: "Node") -> None: ...
+    def backward(self, nodes: list[Any], gradients: Optional[list[Any]]) -> "Pass": ...
+    def poll(self) -> None: ...
+    def wait_pass(self, prec: PassRecord, timeout: Optional[float]) -> None: ...
+    def wait_step(self, step: StepRecord, timeout: Optional[float]) -> "StepReport": ...
+    def get_state(self, worker: str, what: str, timeout: Optional[float]) -> Any: ...
+    def set_state(self, worker: str, what: str, state: Any, timeout: Optional[float]) -> None: ...
 
 __all__ = ["Worker", "Node", "Pass", "StepHandle", "StepReport", "WorkerReport"]
 
@@ -17,7 +33,7 @@ __all__ = ["Worker", "Node", "Pass", "StepHandle", "StepReport", "WorkerReport"]
 class Worker:
     """A module living in its own worker; call it like the module."""
 
-    def __init__(self, runtime: "Runtime", name: str, actor: Any, module_class: str) -> None:
+    def __init__(self, runtime: Runtime, name: str, actor: Any, module_class: str) -> None:
         self._runtime = runtime
         self.name = name
         self.actor = actor
@@ -52,7 +68,7 @@ class Node:
 
     __slots__ = ("_runtime", "call", "out", "detached", "_value", "__weakref__")
 
-    def __init__(self, runtime: "Runtime", call: "CallRecord", out: int, detached: bool = False) -> None:
+    def __init__(self, runtime: Runtime, call: CallRecord, out: int, detached: bool = False) -> None:
         self._runtime = runtime
         self.call = call
         self.out = out
@@ -104,7 +120,7 @@ class Node:
 class Pass:
     """One backward pass in flight."""
 
-    def __init__(self, runtime: "Runtime", record: "PassRecord") -> None:
+    def __init__(self, runtime: Runtime, record: PassRecord) -> None:
         self._runtime = runtime
         self._record = record
 
@@ -246,7 +262,7 @@ class StepReport:
 class StepHandle:
     """A closed step whose updates may still be landing (``ag.step(wait=False)``)."""
 
-    def __init__(self, runtime: "Runtime", record: "StepRecord") -> None:
+    def __init__(self, runtime: Runtime, record: StepRecord) -> None:
         self._runtime = runtime
         self._record = record
 

@@ -1,42 +1,45 @@
-"""Runtime: one Transport plus the caller's Graph; opens and closes steps; owns every deadline.
+"""Runtime: the driver of the caller's protocol. It holds the lock, the transport and every deadline.
 
-The caller never relays activations or gradients: it sends each worker the
-calls it must run (Forward), tells producers where their outputs go (Route),
-tells each worker of a pass which gradient messages to expect (Plan), and
-closes steps (Close). Workers answer requests; the answers arrive on futures
-whose completions land in one queue that ``_pump`` drains while it waits.
-A step in which anything fails is aborted everywhere and its error is raised
-at the next place the caller waits for that step.
+The protocol itself (which messages a call, a pass or a close sends, what a
+reply means, when a step commits) is ``core.caller.CallerCore``, which does
+no I/O. This module checks the user's arguments, hands the core's messages to
+the transport, turns replies (futures completing on transport threads) into
+events in one queue, and feeds them back to the core while the user's thread
+waits, up to a deadline. Spawning and placement live here too; recovery and
+checkpoint orchestration live in ``recovery.py``.
 """
 
 from __future__ import annotations
 
-import itertools
 import logging
 import math
-import os
 import queue
-import shutil
 import threading
 import time
-import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 import torch
 
 from . import errors as E
+from . import recovery
 from .core import codec
 from .core import messages as m
+from .core.caller import CallerCore, Kind, PassRecord, Request, Send, StepRecord
 from .core.graph import CallRecord, Graph
 from .core.worker import WorkerSpec
 from .handles import Node, Pass, StepHandle, StepReport, Worker, WorkerReport
 from .trace import Tracer, now_us, write_trace
+from .transport.base import Transport
 
 log = logging.getLogger("actorgrad.runtime")
 
 DEFAULT_TIMEOUT = 120.0
-_PROBE_TIMEOUT = 2.0
+# How long a deadline error may wait for the workers' own account of what they miss: a deadline
+# is raised within timeout + this margin, with whatever the probes answered by then.
+PROBE_MARGIN = 0.25
+
+__all__ = ["Runtime", "WorkerInfo", "DEFAULT_TIMEOUT", "PROBE_MARGIN", "StepRecord", "PassRecord"]
 
 
 @dataclass
@@ -47,79 +50,12 @@ class WorkerInfo:
     module_class: str
     trainable: bool
     has_optimizer: bool
-    custom_rule: bool
+    custom_rule: bool  # its update rule may use gradients without an optimizer (a callable rule)
     custom_backward: bool
     options: dict[str, Any]
     handle: Worker
-    arity: Optional[tuple[bool, int]] = None  # (returns a single tensor, number of outputs)
     placed: bool = True  # False while its ag.placement block is open
     optimizer: Any = None  # the optimizer recipe, for ag.graph
-
-
-@dataclass
-class PassRecord:
-    """A pass as the caller tracks it."""
-
-    id: int
-    step: "StepRecord"
-    workers: set[str] = field(default_factory=set)
-    pending: set[str] = field(default_factory=set)
-    error: Optional[E.ActorgradError] = None
-    seeds: list[tuple[int, int]] = field(default_factory=list)  # (call, output) per seed
-
-
-@dataclass
-class StepRecord:
-    """A step as the caller tracks it."""
-
-    id: int
-    calls: dict[str, list[int]] = field(default_factory=dict)
-    pass_workers: dict[str, list[int]] = field(default_factory=dict)
-    passes: dict[int, PassRecord] = field(default_factory=dict)
-    nodes: "weakref.WeakSet[Node]" = field(default_factory=weakref.WeakSet)
-    error: Optional[E.ActorgradError] = None
-    delivered: bool = False
-    close_pending: set[str] = field(default_factory=set)
-    closing: bool = False
-    committed: bool = False
-    reports: dict[str, WorkerReport] = field(default_factory=dict)
-    landing: set[str] = field(default_factory=set)  # workers that report their update after Commit
-    report: Optional[StepReport] = None
-    started: float = field(default_factory=time.perf_counter)
-    seeded: dict[tuple[int, int], int] = field(default_factory=dict)  # (call, output) -> pass that seeded it
-
-    def participants(self) -> set[str]:
-        return set(self.calls) | set(self.pass_workers)
-
-
-@dataclass
-class Recovery:
-    """Recovery settings and the checkpoints taken so far (oldest first)."""
-
-    every: int
-    directory: str
-    max_restarts: int
-    keep: int
-    temporary: bool
-    checkpoints: list[tuple[int, str]] = field(default_factory=list)  # (step, path)
-    workers_seen: int = -1  # Runtime._workers_changed at the last checkpoint
-    recoveries: int = 0
-
-
-@dataclass
-class Pending:
-    """One request in flight."""
-
-    req: int
-    kind: str  # forward | plan | close | fetch | state
-    worker: str
-    step: Optional[StepRecord]
-    obj: Any = None
-    future: Any = None
-    done: bool = False
-    data: Any = None
-    error: Optional[E.ActorgradError] = None
-    epoch: int = 0  # the recovery epoch it was sent in; replies of earlier epochs are ignored
 
 
 def _optimizer_name(opt: Any) -> Optional[str]:
@@ -129,72 +65,106 @@ def _optimizer_name(opt: Any) -> Optional[str]:
     return cls.__name__ if cls is not None else getattr(opt, "__name__", type(opt).__name__)
 
 
-class Runtime:
-    """The caller's side of actorgrad."""
+WhatFn = Callable[[], tuple[str, list[tuple[str, Optional[int]]]]]
 
-    def __init__(self, transport: Any, timeout: float = DEFAULT_TIMEOUT, trace: Optional[str] = None,
+
+class Runtime:
+    """The caller's side of actorgrad: drives a CallerCore over a Transport."""
+
+    def __init__(self, transport: Transport, timeout: float = DEFAULT_TIMEOUT, trace: Optional[str] = None,
                  check_finite: bool = False, worker_timeout: Optional[float] = None) -> None:
         self.transport = transport
         self.check_finite = bool(check_finite)
         if worker_timeout is not None and (not isinstance(worker_timeout, (int, float)) or worker_timeout <= 0):
             raise E.ConfigError(f"worker_timeout must be a positive number of seconds, got {worker_timeout!r}")
         self.worker_timeout = float(worker_timeout) if worker_timeout is not None else max(600.0, 5 * float(timeout))
-        self.recovery: Optional[Recovery] = None
-        self._epoch = 0
-        self._recovering = False
-        self._workers_changed = 0
+        self.recovery: Optional[recovery.Recovery] = None
+        self.recovering = False
+        self.workers_changed = 0  # bumped by every spawn: a recovery checkpoint must include new workers
         self.trace_path = trace
         self.tracer = Tracer("caller", enabled=trace is not None)
         self.backend = transport.name
         self.timeout = float(timeout)
         self.workers: dict[str, WorkerInfo] = {}
-        self.graph = Graph()
         self.closed = False
-        self._ids = itertools.count(1)
-        self._seq: dict[str, int] = {}
+        self.core = CallerCore(now=time.perf_counter())
         self._lock = threading.RLock()
-        self._events: "queue.SimpleQueue[Pending]" = queue.SimpleQueue()
-        self._pending: dict[int, Pending] = {}
+        self._events: "queue.SimpleQueue[tuple[Request, Any]]" = queue.SimpleQueue()
         self._class_counts: dict[str, int] = {}
-        self._steps: dict[int, StepRecord] = {}
-        self._closing: list[StepRecord] = []
         self._group: Optional[tuple[str, list[tuple[WorkerSpec, dict[str, Any]]]]] = None
-        self.step = self._open_step(1)
         self._local = threading.local()
         # The last closed step and its calls, kept past Graph.drop_step for ag.graph().
         self.last_graph: Optional[tuple[StepRecord, list[CallRecord]]] = None
 
-    # --- plumbing -------------------------------------------------------------
+    # --- the core's state, for readers (viz, checkpoints, ag.train) ---------------------
 
-    def _open_step(self, step_id: int) -> StepRecord:
-        rec = StepRecord(step_id)
-        self._steps[step_id] = rec
-        # Failed steps stay findable a while, so old nodes can name their error.
-        for old in [s for s in self._steps if s < step_id - 32]:
-            del self._steps[old]
-        return rec
+    @property
+    def step(self) -> StepRecord:
+        """The open step."""
+        return self.core.step
 
-    def _next_seq(self, worker: str) -> int:
-        seq = self._seq.get(worker, 0)
-        self._seq[worker] = seq + 1
-        return seq
+    @property
+    def graph(self) -> Graph:
+        """The calls of the open and closing steps."""
+        return self.core.graph
 
-    def _post(self, worker: str, msg: m.Message) -> None:
-        self.transport.post(worker, self._next_seq(worker), codec.encode(msg))
+    @property
+    def lock(self) -> threading.RLock:
+        """Held while the runtime's state changes (re-entrant)."""
+        return self._lock
 
-    def _request(self, worker: str, msg: m.Message, kind: str, step: Optional[StepRecord], obj: Any = None) -> Pending:
-        p = Pending(msg.req, kind, worker, step, obj, epoch=self._epoch)
-        data = codec.encode(msg)
+    # --- sending and receiving -----------------------------------------------------------
+
+    def _send(self, sends: list[Send]) -> None:
+        """Hand the core's messages to the transport; a request that cannot leave fails at once."""
+        for s in sends:
+            if s.worker not in self.workers:
+                if s.request is not None:  # e.g. killed: a request would never be answered
+                    self._send(self.core.on_reply(s.request, None, E.WorkerDied("the worker is not running",
+                                                                                 worker=s.worker)))
+                continue
+            frame = codec.encode_frame(s.msg)
+            if s.request is None:
+                try:
+                    self.transport.notify(s.worker, s.seq, frame)
+                except E.ActorgradError:
+                    pass  # its requests fail on their own
+                continue
+            r = s.request
+            try:
+                fut = self.transport.request(s.worker, s.seq, frame)
+            except E.ActorgradError as err:
+                self._send(self.core.on_reply(r, None, err))
+                continue
+            fut.add_done_callback(lambda f, r=r: self._events.put((r, f)))
+
+    def _complete(self, r: Request, future: Any) -> None:
+        """Decode one reply and feed it to the core."""
+        if r.done or r.epoch != self.core.epoch:
+            return
         try:
-            p.future = self.transport.request(worker, self._next_seq(worker), data)
-        except E.ActorgradError as err:
-            p.done, p.error = True, err
-            if step is not None and kind in ("forward", "plan", "close"):
-                self._fail_step(step, err)
-            return p
-        self._pending[p.req] = p
-        p.future.add_done_callback(lambda _f, p=p: self._events.put(p))
-        return p
+            reply, err = codec.decode_frame(future.result()), None
+        except E.ActorgradError as exc:
+            reply, err = None, exc
+        except Exception as exc:
+            reply, err = None, E.WorkerError(f"no reply: {type(exc).__name__}: {exc}", worker=r.worker)
+        self._send(self.core.on_reply(r, reply, err))
+
+    def _drain(self) -> None:
+        while True:
+            try:
+                r, fut = self._events.get_nowait()
+            except queue.Empty:
+                return
+            self._complete(r, fut)
+
+    def poll(self) -> None:
+        """Process whatever replies have arrived, without waiting."""
+        with self._lock:
+            self._drain()
+
+    def _fail_step(self, step: StepRecord, err: E.ActorgradError) -> None:
+        self._send(self.core.fail_step(step, err))
 
     def _check_open(self) -> None:
         if self.closed:
@@ -209,173 +179,51 @@ class Runtime:
         """Enter (+1) or leave (-1) an ag.no_grad() block on this thread."""
         self._local.no_grad = getattr(self._local, "no_grad", 0) + delta
 
-    # --- completions -----------------------------------------------------------
-
-    def _complete(self, p: Pending) -> None:
-        if p.done or p.epoch != self._epoch:
-            return
-        self._pending.pop(p.req, None)
-        p.done = True
-        future, p.future = p.future, None  # breaks the cycle request -> future -> callback -> request
-        try:
-            reply = codec.decode(future.result())
-        except E.ActorgradError as err:
-            p.error = err
-        except Exception as exc:
-            p.error = E.WorkerError(f"no reply: {type(exc).__name__}: {exc}", worker=p.worker)
-        else:
-            if isinstance(reply, m.Ack):
-                p.data = reply.data
-                self._on_ack(p)
-            elif isinstance(reply, m.Failure):
-                p.error = E.from_info(reply.error)
-            else:
-                p.error = E.DecodeError(f"a reply must be Ack or Failure, got {type(reply).__name__}", worker=p.worker)
-        if p.error is not None:
-            self._on_failure(p)
-
-    def _on_ack(self, p: Pending) -> None:
-        if p.kind == "forward":
-            rec: CallRecord = p.obj
-            rec.meta = p.data
-            info = self.workers.get(p.worker)
-            arity = (bool(p.data["single"]), len(p.data["outputs"]))
-            if info is not None and info.arity is None:
-                info.arity = arity
-            elif info is not None and info.arity != arity and p.step is not None:
-                self._fail_step(p.step, E.ConfigError(
-                    f"the module returned {arity[1]} output(s) (single={arity[0]}), but its first call returned "
-                    f"{info.arity[1]} (single={info.arity[0]}); a worker's output structure must not change",
-                    worker=p.worker, call=rec.id, step=rec.step))
-        elif p.kind == "plan":
-            rec_p: PassRecord = p.obj
-            rec_p.pending.discard(p.worker)
-        elif p.kind == "close":
-            step: StepRecord = p.obj
-            d = p.data
-            if step.committed:
-                # The second reply of a close: what the update applied at Commit did (see below).
-                old = step.reports.get(p.worker)
-                if old is not None and d.get("step") == step.id:
-                    step.reports[p.worker] = old.merged(d)
-                step.close_pending.discard(p.worker)
-                return
-            step.reports[p.worker] = WorkerReport.from_dict(p.worker, d)
-            if d.get("final") is False:
-                step.landing.add(p.worker)
-            step.close_pending.discard(p.worker)
-            if not step.close_pending and step.error is None and not step.committed:
-                # Every worker is ready: now, and only now, they apply the step's updates.
-                step.committed = True
-                for w in sorted(step.participants()):
-                    if w in self.workers:
-                        self._post(w, m.Commit(step.id))
-                        if w in step.landing:
-                            # Its report needs the update applied (its norm): ask right behind the Commit.
-                            step.close_pending.add(w)
-                            self._request(w, m.GetState(next(self._ids), "update"), "close", step, step)
-            # A worker closes a step only after finishing all of its passes; its pass
-            # replies may still be on their way (Ray does not order replies).
-            for pid in step.pass_workers.get(p.worker, []):
-                prec = step.passes.get(pid)
-                if prec is not None:
-                    prec.pending.discard(p.worker)
-
-    def _on_failure(self, p: Pending) -> None:
-        err = p.error
-        assert err is not None
-        if err.worker is None:
-            err.worker = p.worker
-        if err.step is None and p.step is not None and p.kind in ("forward", "plan", "close"):
-            err.step = p.step.id
-        if p.kind == "plan" and p.obj.error is None:
-            p.obj.error = err
-        if p.step is not None and p.kind in ("forward", "plan", "close"):
-            self._fail_step(p.step, err)
-
-    def _fail_step(self, step: StepRecord, err: E.ActorgradError) -> None:
-        """Abort a step everywhere; the first error is the step's error."""
-        if step.error is not None:
-            return
-        if isinstance(err, E.StepAborted) and step.error is None:
-            log.debug("step %d aborted by a worker: %s", step.id, err)
-        step.error = err
-        log.warning("step %d failed: %s", step.id, err.message if hasattr(err, "message") else err)
-        reason = f"{type(err).__name__} in worker '{err.worker}'"
-        for w in step.participants():
-            if w in self.workers:
-                try:
-                    self._post(w, m.Abort(step.id, reason))
-                except E.ActorgradError:
-                    pass
-        for prec in step.passes.values():
-            if prec.error is None:
-                prec.error = err
-
-    def _drain(self) -> None:
-        while True:
-            try:
-                p = self._events.get_nowait()
-            except queue.Empty:
-                return
-            self._complete(p)
-
-    def poll(self) -> None:
-        """Process whatever replies have arrived, without waiting."""
-        with self._lock:
-            self._drain()
+    # --- waiting ------------------------------------------------------------------------
 
     def _deliver(self, step: StepRecord) -> E.ActorgradError:
+        """The step's error, marked as raised to the user (a dead worker may be recovered first)."""
         step.delivered = True
         assert step.error is not None
         if isinstance(step.error, E.WorkerDied):
-            self._maybe_recover(step.error)
+            recovery.maybe_recover(self, step.error)
         return step.error
 
     def _deadline(self, timeout: Optional[float]) -> float:
-        t = self.timeout if timeout is None else float(timeout)
-        return time.monotonic() + t
+        return time.monotonic() + (self.timeout if timeout is None else float(timeout))
 
-    def _pump(
-        self,
-        done: Callable[[], bool],
-        deadline: float,
-        step: Optional[StepRecord],
-        what: Callable[[], tuple[str, list[tuple[str, Optional[int]]]]],
-        timeout: Optional[float],
-    ) -> None:
+    def _pump(self, done: Callable[[], bool], deadline: float, step: Optional[StepRecord], what: WhatFn,
+              timeout: Optional[float]) -> None:
         """Process replies until ``done()``; raise the step's error, or DeadlineExceeded."""
-        if not self.tracer.enabled:
-            return self._pump_loop(done, deadline, step, what, timeout)
-        t0 = now_us()
+        t0 = now_us() if self.tracer.enabled else 0
         try:
-            return self._pump_loop(done, deadline, step, what, timeout)
+            while True:
+                self._drain()
+                if step is not None and step.error is not None:
+                    raise self._deliver(step)
+                if done():
+                    return
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise self._deadline_error(step, what, timeout)
+                try:
+                    r, fut = self._events.get(timeout=min(remaining, 0.5))
+                except queue.Empty:
+                    continue
+                self._complete(r, fut)
         finally:
-            if now_us() - t0 > 50:
+            if self.tracer.enabled and now_us() - t0 > 50:
                 self.tracer.span("wait", t0, now_us(), what=what()[0])
 
-    def _pump_loop(self, done, deadline, step, what, timeout) -> None:
-        while True:
-            self._drain()
-            if step is not None and step.error is not None:
-                raise self._deliver(step)
-            if done():
-                return
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise self._deadline_error(step, what, timeout)
-            try:
-                p = self._events.get(timeout=min(remaining, 0.5))
-            except queue.Empty:
-                continue
-            self._complete(p)
-
-    def _deadline_error(self, step, what, timeout) -> E.DeadlineExceeded:
+    def _deadline_error(self, step: Optional[StepRecord], what: WhatFn,
+                        timeout: Optional[float]) -> E.DeadlineExceeded:
         text, waiting = what()
+        # Every probe at once, bounded by a small margin: the error comes within the deadline + PROBE_MARGIN.
+        answers = self.transport.probe(sorted({w for w, _ in waiting}), PROBE_MARGIN)
         lines = []
         for worker, call in waiting:
             label = f"worker '{worker}'" + (f" call {call}" if call is not None else "")
-            missing = self.transport.probe(worker, _PROBE_TIMEOUT)
+            missing = answers.get(worker)
             if missing:
                 lines.extend(f"{label}: {line}" for line in missing)
             else:
@@ -384,8 +232,7 @@ class Runtime:
         first = waiting[0] if waiting else (None, None)
         # A worker whose process is still starting (Ray placing it, torch importing, a big module
         # unpickling) is the cause, not the step: say so first, and name that worker.
-        starting = getattr(self.transport, "starting", None)
-        slow = [n for n in sorted(self.workers) if starting is not None and starting(n) is not None]
+        slow = [n for n in sorted(self.workers) if self.transport.starting(n) is not None]
         if slow:
             who = f"workers {', '.join(repr(n) for n in slow)} were" if len(slow) > 1 else f"worker '{slow[0]}' was"
             text = f"{who} still starting, before the step could run there ({text})"
@@ -421,8 +268,9 @@ class Runtime:
                     n += 1
                 name = f"{cls}-{n}"
                 self._class_counts[cls] = n + 1
-            if not isinstance(name, str) or not name or name == "caller":
-                raise E.ConfigError(f"a worker name must be a non-empty string other than 'caller', got {name!r}")
+            if not isinstance(name, str) or not name or name == "caller" or "#" in name:
+                raise E.ConfigError(f"a worker name must be a non-empty string other than 'caller', without '#', "
+                                    f"got {name!r}")
             if name in self.workers:
                 raise E.ConfigError(f"a worker named '{name}' already exists; worker names must be unique", worker=name)
             opt = normalize_optimizer(optimizer, name)
@@ -446,11 +294,11 @@ class Runtime:
                     raise E.ConfigError(f"invalid device {device!r}: {exc}", worker=name) from None
             # A GPU worker: device="cuda" needs a GPU from Ray (which hides GPUs from actors that
             # did not ask for one), and num_gpus >= 1 means the module lives on it.
-            if device is not None and device.startswith("cuda") and not num_gpus and self.backend == "ray":
+            if device is not None and device.startswith("cuda") and not num_gpus and self.transport.capabilities.places_gpus:
                 num_gpus = 1
             if device is None and num_gpus and num_gpus >= 1:
                 device = "cuda"
-            if device is not None and device.startswith("cuda") and self.backend == "local" \
+            if device is not None and device.startswith("cuda") and not self.transport.capabilities.places_gpus \
                     and not torch.cuda.is_available():
                 raise E.PlacementError(f"device={device!r} asked for, but this process has no CUDA device",
                                        worker=name)
@@ -470,18 +318,16 @@ class Runtime:
                     isinstance(k, str) and isinstance(v, (int, float)) and v >= 0 for k, v in resources.items())):
                 raise E.ConfigError(f"resources must map names to amounts >= 0, got {resources!r}", worker=name)
             threads = int(num_cpus) if num_cpus else None
-            # A named rule travels as the rule itself: a worker process may not have the user's register_rule.
-            spec = WorkerSpec(name=name, module=module, optimizer=opt,
-                              update=rule if isinstance(update, str) else update, max_staleness=max_staleness,
-                              device=device, num_threads=threads, trace=self.tracer.enabled,
-                              check_finite=self.check_finite, deadline=self.worker_timeout,
-                              custom_backward=has_custom_backward(module))
-            check = getattr(self.transport, "check_feasible", None)
-            if check is not None:
-                check(name, {"CPU": num_cpus or 0, "GPU": num_gpus or 0, **(resources or {})})
-            deferred = self._group is not None and hasattr(self.transport, "place_group")
+            # A registered rule travels built: a Ray worker's process never saw the user's register_rule.
+            spec = WorkerSpec(name=name, module=module, optimizer=opt, update=rule if isinstance(update, str) else update,
+                              max_staleness=max_staleness, device=device, num_threads=threads,
+                              trace=self.tracer.enabled, check_finite=self.check_finite,
+                              deadline=self.worker_timeout, custom_backward=has_custom_backward(module))
+            self.transport.check_feasible(name, {"CPU": num_cpus or 0, "GPU": num_gpus or 0, **(resources or {})})
+            deferred = self._group is not None and self.transport.capabilities.placement_groups
             actor = None
             if deferred:
+                assert self._group is not None
                 self._group[1].append((spec, options))
             else:
                 actor = self.transport.spawn(spec, options)
@@ -491,7 +337,7 @@ class Runtime:
                 has_optimizer=opt is not None, custom_rule=not rule.needs_optimizer,
                 custom_backward=has_custom_backward(module),
                 options=options, handle=handle, placed=not deferred, optimizer=opt)
-            self._workers_changed += 1
+            self.workers_changed += 1
             log.info("spawned worker %s (%s) on %s", name, cls, self.backend)
             return handle
 
@@ -553,35 +399,26 @@ class Runtime:
 
     # --- forward ---------------------------------------------------------------
 
-    def _step_for_call(self) -> StepRecord:
-        """The step a new call joins: a failed step ends once its error was raised to the user."""
-        if self.step.error is not None and self.step.delivered:
-            self.graph.drop_step(self.step.id)
-            self.step = self._open_step(self.step.id + 1)
-        self._auto_checkpoint()
-        return self.step
-
     def track(self, node: Node) -> None:
         """Remember a node so that its value is kept for fetching after its step closes."""
-        rec = self._steps.get(node.call.step)
+        rec = self.core.steps.get(node.call.step)
         if rec is not None:
             rec.nodes.add(node)
 
     def call(self, worker: str, args: tuple, kwargs: dict) -> Any:
         """Issue one call of a worker's module; return its Node(s) at once."""
         with self._lock:
-            info = self._info(worker)
-            step = self._step_for_call()
+            self._info(worker)
+            step = self.core.step_for_call(time.perf_counter())
+            recovery.auto_checkpoint(self)
+            step = self.core.step
             grad_on = self.grad_enabled
             refs: list[m.RefSpec] = []
-            keys: list[tuple[int, int, bool]] = []
 
             def convert(x: Any, where: str) -> Any:
                 if isinstance(x, Node):
                     self._check_input_node(x, step, worker, where)
-                    grad = grad_on and not x.detached and x.call.saved
-                    refs.append(m.RefSpec(x.call.worker, x.call.id, x.out, grad))
-                    keys.append((x.call.id, x.out, grad))
+                    refs.append(m.RefSpec(x.call.worker, x.call.id, x.out, grad_on and not x.detached and x.call.saved))
                     return m.Slot(len(refs) - 1)
                 if isinstance(x, torch.Tensor):
                     return x.detach()
@@ -601,27 +438,19 @@ class Runtime:
             except TypeError as exc:
                 raise E.ConfigError(f"cannot send the arguments of this call: {exc}; pass Nodes, tensors, "
                                     "numbers, strings, None, or lists/tuples/dicts of them", worker=worker) from None
-            cid, req = next(self._ids), next(self._ids)
-            rec = CallRecord(cid, worker, step.id, req, keys, grad_on)
-            self.graph.add(rec)
-            if step.error is not None:
-                # The step already failed (its error is not raised yet): nothing is sent for it.
-                single, n = info.arity or (True, 1)
-                nodes = [Node(self, rec, k) for k in range(n)]
-                return nodes[0] if single else tuple(nodes)
-            step.calls.setdefault(worker, []).append(cid)
-            msg = m.Forward(req, cid, step.id, args_t, kwargs_t, tuple(refs), grad_on)
-            p = self._request(worker, msg, "forward", step, rec)
-            for slot, r in enumerate(refs):
-                self._post(r.worker, m.Route(r.call, r.out, worker, cid, slot))
-            if info.arity is None:
+            rec, sends = self.core.call(worker, step, args_t, kwargs_t, refs, grad_on)
+            self._send(sends)
+            if sends and worker not in self.core.arity:
                 # The first call tells how many outputs this module returns.
-                self._pump(lambda: p.done or step.error is not None, self._deadline(None), None,
-                           lambda: (f"waiting for the first forward of '{worker}'", [(worker, cid)]), None)
-            single, n = info.arity or (True, 1)
+                fwd = sends[0].request
+                assert fwd is not None
+                self._pump(lambda: fwd.done or step.error is not None, self._deadline(None), None,
+                           lambda: (f"waiting for the first forward of '{worker}'", [(worker, rec.id)]), None)
+            single, n = self.core.arity.get(worker, (True, 1))
             nodes = [Node(self, rec, k) for k in range(n)]
-            for nd in nodes:
-                step.nodes.add(nd)
+            if step.error is None:
+                for nd in nodes:
+                    step.nodes.add(nd)
             return nodes[0] if single else tuple(nodes)
 
     def _check_input_node(self, node: Node, step: StepRecord, worker: str, where: str) -> None:
@@ -655,7 +484,7 @@ class Runtime:
             step = self.step
             for n in nodes:
                 if n.call.step != step.id or self.graph.calls.get(n.call.id) is not n.call:
-                    old = self._steps.get(n.call.step)
+                    old = self.core.steps.get(n.call.step)
                     if old is not None and old.error is not None and old is step:
                         raise self._deliver(old)
                     raise E.StepClosedError(
@@ -693,19 +522,8 @@ class Runtime:
                         "this worker's parameters would receive gradients but it has no optimizer; pass "
                         "optimizer=ag.Optim(...) to ag.spawn, or set requires_grad=False on its parameters",
                         worker=rec.worker, call=cid, step=step.id)
-            plan = self.graph.plan(seeds)
-            prec = PassRecord(next(self._ids), step, seeds=seeds)
-            step.passes[prec.id] = prec
-            for n in nodes:
-                step.seeded[(n.call.id, n.out)] = prec.id
-            for worker, expects in plan.items():
-                here = tuple(m.SeedGrad(c, o, i, g) for i, ((c, o), g) in enumerate(zip(seeds, grads))
-                             if self.graph.calls[c].worker == worker)
-                msg = m.Plan(next(self._ids), prec.id, step.id, tuple(expects), here)
-                prec.workers.add(worker)
-                prec.pending.add(worker)
-                step.pass_workers.setdefault(worker, []).append(prec.id)
-                self._request(worker, msg, "plan", step, prec)
+            prec, sends = self.core.backward(step, seeds, grads)
+            self._send(sends)
             return Pass(self, prec)
 
     def _check_seed(self, n: Node, g: Any) -> Optional[torch.Tensor]:
@@ -723,9 +541,6 @@ class Runtime:
                     "pass gradient= (as in PyTorch: grad can be implicitly created only for scalar outputs)",
                     worker=n.call.worker, call=n.call.id, step=n.call.step)
         else:
-            if not isinstance(g, torch.Tensor):
-                raise E.ConfigError(f"a gradient must be a tensor, got {type(g).__name__}",
-                                    worker=n.call.worker, call=n.call.id, step=n.call.step)
             if tuple(g.shape) != tuple(shape):
                 raise E.ShapeError(
                     f"gradient of shape {tuple(g.shape)} for output {n.out} of shape {tuple(shape)}",
@@ -761,32 +576,34 @@ class Runtime:
             if step.calls:  # an empty step keeps the previous picture
                 self.last_graph = (step, self.step_calls(step))
             if step.error is not None:
-                self.step = self._open_step(step.id + 1)
-                self.graph.drop_step(step.id)
+                self.core.end_failed_step(time.perf_counter())
                 raise self._deliver(step)
-            for w in sorted(step.participants()):
-                retain = tuple((n.call.id, n.out) for n in list(step.nodes)
-                               if n.call.worker == w and n._value is None)
-                msg = m.Close(next(self._ids), step.id, tuple(step.calls.get(w, [])),
-                              tuple(step.pass_workers.get(w, [])), retain)
-                step.close_pending.add(w)
-                self._request(w, msg, "close", step, step)
-            step.closing = True
-            self._closing.append(step)
-            self.step = self._open_step(step.id + 1)
+            retain: dict[str, tuple[tuple[int, int], ...]] = {}
+            for n in list(step.nodes):
+                if n._value is None:
+                    retain.setdefault(n.call.worker, ())
+                    retain[n.call.worker] += ((n.call.id, n.out),)
+            step, sends = self.core.close(retain, time.perf_counter())
+            self._send(sends)
             handle = StepHandle(self, step)
             if not wait:
                 # Back-pressure: at most (largest max_staleness + 1) steps may be closing at once.
                 limit = 1 + max((w.options.get("max_staleness", 0) for w in self.workers.values()), default=0)
-                while len(self._closing) > limit:
-                    self.wait_step(self._closing[0], timeout)
+                while len(self.core.closing) > limit:
+                    self.wait_step(self.core.closing[0], timeout)
                 return handle
-            for earlier in list(self._closing):
+            for earlier in list(self.core.closing):
                 if earlier is not step:
                     self.wait_step(earlier, timeout)
             report = self.wait_step(step, timeout)
-            self._auto_checkpoint()
+            recovery.auto_checkpoint(self)
             return report
+
+    def wait_closing(self, timeout: Optional[float]) -> None:
+        """Wait until every step closed without waiting (ag.step(wait=False)) has finished."""
+        with self._lock:
+            for earlier in list(self.core.closing):
+                self.wait_step(earlier, timeout)
 
     def step_calls(self, step: StepRecord) -> list[CallRecord]:
         """The call records of ``step`` that the graph still holds, worker by worker in call order."""
@@ -811,16 +628,14 @@ class Runtime:
                 return (f"closing step {step.id}", [(w, None) for w in sorted(step.close_pending)])
 
             try:
-                self._pump(lambda: not step.close_pending, self._deadline(timeout), step, what, timeout)
+                self._pump(lambda: step.closed, self._deadline(timeout), step, what, timeout)
             finally:
-                if step.error is not None and step in self._closing:
-                    self._closing.remove(step)
-                    self.graph.drop_step(step.id)
-            step.report = StepReport(step=step.id, workers=dict(sorted(step.reports.items())),
-                                     passes=len(step.passes), seconds=time.perf_counter() - step.started)
-            if step in self._closing:
-                self._closing.remove(step)
-            self.graph.drop_step(step.id)
+                if step.error is not None:
+                    self.core.finish(step)
+            step.report = StepReport(
+                step=step.id, workers={w: WorkerReport.from_dict(w, d) for w, d in sorted(step.reports.items())},
+                passes=len(step.passes), seconds=time.perf_counter() - step.started)
+            self.core.finish(step)
             return step.report
 
     # --- values and state ------------------------------------------------------
@@ -834,41 +649,42 @@ class Runtime:
             if node._runtime is not self:
                 raise E.ConfigError("value() of a Node of another runtime (from before ag.shutdown()?)",
                                     worker=node.call.worker, call=node.call.id)
-            step = self._steps.get(node.call.step)
+            step = self.core.steps.get(node.call.step)
             if step is not None and step.error is not None:
                 raise self._deliver(step)
-            msg = m.Fetch(next(self._ids), node.call.id, node.out)
-            p = self._request(node.call.worker, msg, "fetch", None)
+            r, sends = self.core.fetch(node.call, node.out)
+            self._send(sends)
             watch = step if step is not None and not step.closing else None
-            self._pump(lambda: p.done, self._deadline(timeout), watch,
+            self._pump(lambda: r.done, self._deadline(timeout), watch,
                        lambda: (f"fetching output {node.out} of call {node.call.id}",
                                 [(node.call.worker, node.call.id)]), timeout)
-            if p.error is not None:
+            if r.error is not None:
                 if step is not None and step.error is not None:
                     raise self._deliver(step)
-                if p.error.call is None:
-                    p.error.call = node.call.id
-                if isinstance(p.error, E.WorkerDied):
-                    self._maybe_recover(p.error)
-                raise p.error
-            node._value = p.data
-            return p.data
+                if r.error.call is None:
+                    r.error.call = node.call.id
+                if isinstance(r.error, E.WorkerDied):
+                    recovery.maybe_recover(self, r.error)
+                raise r.error
+            node._value = r.data
+            return r.data
 
-    def _simple_request(self, worker: str, msg: m.Message, timeout: Optional[float], text: str) -> Any:
+    def _state_request(self, worker: str, what: str, state: Any, set_: bool, timeout: Optional[float],
+                       text: str) -> Any:
         with self._lock:
             self._info(worker)
-            p = self._request(worker, msg, "state", None)
-            self._pump(lambda: p.done, self._deadline(timeout), None, lambda: (text, [(worker, None)]), timeout)
-            if p.error is not None:
-                if isinstance(p.error, E.WorkerDied):
-                    self._maybe_recover(p.error)
-                raise p.error
-            return p.data
+            r, sends = self.core.state(worker, what, state, set_=set_)
+            self._send(sends)
+            self._pump(lambda: r.done, self._deadline(timeout), None, lambda: (text, [(worker, None)]), timeout)
+            if r.error is not None:
+                if isinstance(r.error, E.WorkerDied):
+                    recovery.maybe_recover(self, r.error)
+                raise r.error
+            return r.data
 
     def get_state(self, worker: str, what: str, timeout: Optional[float]) -> Any:
         """Fetch a worker's state ("module": its state_dict; "full": module, optimizer, version)."""
-        return self._simple_request(worker, m.GetState(next(self._ids), what), timeout,
-                                    f"fetching the state of '{worker}'")
+        return self._state_request(worker, what, None, False, timeout, f"fetching the state of '{worker}'")
 
     def set_state(self, worker: str, what: str, state: Any, timeout: Optional[float]) -> None:
         """Replace a worker's state."""
@@ -876,97 +692,22 @@ class Runtime:
             codec.check_value_tree(state)
         except TypeError as exc:
             raise E.ConfigError(f"cannot send this state: {exc}", worker=worker) from None
-        self._simple_request(worker, m.SetState(next(self._ids), what, state), timeout,
-                             f"loading state into '{worker}'")
+        self._state_request(worker, what, state, True, timeout, f"loading state into '{worker}'")
 
-    # --- recovery --------------------------------------------------------------
+    # --- epochs, recovery ---------------------------------------------------------
+
+    def new_epoch(self, first_step: int) -> None:
+        """Reset every worker and the caller's protocol into a new epoch; the next step is ``first_step``."""
+        with self._lock:
+            epoch = self.core.epoch + 1
+            self.transport.reset(epoch, self.timeout)
+            self.core.new_epoch(first_step, time.perf_counter())
+            self._drain()  # replies still queued are of the old epoch: they complete nothing
 
     def enable_recovery(self, checkpoint_every: int = 10, checkpoint_dir: Optional[str] = None,
                         max_restarts: int = 3, keep: int = 2) -> None:
         """Checkpoint every ``checkpoint_every`` steps; restore and report lost steps when a worker dies."""
-        import tempfile
-
-        for label, val, low in (("checkpoint_every", checkpoint_every, 1), ("keep_checkpoints", keep, 1),
-                                ("max_restarts", max_restarts, -1)):
-            if not isinstance(val, int) or isinstance(val, bool) or val < low:
-                raise E.ConfigError(f"{label} must be an integer >= {low}, got {val!r}")
-        temporary = checkpoint_dir is None
-        directory = tempfile.mkdtemp(prefix="actorgrad-ckpt-") if temporary else os.path.abspath(checkpoint_dir)
-        os.makedirs(directory, exist_ok=True)
-        self.recovery = Recovery(checkpoint_every, directory, max_restarts, keep, temporary)
-        log.info("recovery on: a checkpoint every %d steps in %s", checkpoint_every, directory)
-
-    def _auto_checkpoint(self) -> None:
-        """Take the periodic checkpoint when it is due and the current step has no calls yet."""
-        rec = self.recovery
-        if rec is None or self._recovering or not self.workers or self.step.calls or self.step.pass_workers:
-            return
-        if any(not w.placed for w in self.workers.values()):
-            return
-        done = self.step.id - 1
-        last = rec.checkpoints[-1][0] if rec.checkpoints else None
-        changed = rec.workers_seen != self._workers_changed
-        if not changed and last is not None and (done == last or done % rec.every != 0):
-            return
-        from .checkpoint import save_checkpoint
-
-        path = os.path.join(rec.directory, f"step-{done:08d}")
-        save_checkpoint(self, path)
-        rec.checkpoints = [c for c in rec.checkpoints if c[0] != done] + [(done, path)]
-        rec.workers_seen = self._workers_changed
-        while len(rec.checkpoints) > rec.keep:
-            _, old = rec.checkpoints.pop(0)
-            shutil.rmtree(old, ignore_errors=True)
-
-    def _maybe_recover(self, err: E.WorkerDied) -> None:
-        """A worker died: with recovery on, restart it, restore every worker, annotate ``err``."""
-        if self.recovery is None or self._recovering or err.recovered or self.closed:
-            return
-        rec = self.recovery
-        if not rec.checkpoints:
-            log.error("a worker died before the first checkpoint; nothing to restore")
-            return
-        lost = [s.id for s in self._steps.values() if s.participants() and not s.committed]
-        committed = [s.id for s in self._steps.values() if s.committed]
-        self._recovering = True
-        try:
-            log.warning("recovering from: %s", err.message)
-            self._epoch += 1
-            self.transport.reset(self._epoch, self.timeout)
-            self._pending.clear()
-            self._drain()  # replies still queued are of the old epoch: _complete ignores them
-            self._seq = {}
-            self.graph = Graph()
-            for old in self._steps.values():
-                if old.error is None:
-                    old.error = E.StepAborted("the runtime recovered from a dead worker", step=old.id)
-                old.delivered = True
-            self._closing.clear()
-            from .checkpoint import load_checkpoint
-
-            errors = []
-            for step_id, path in reversed(rec.checkpoints):
-                self._steps = {}
-                self.step = self._open_step(step_id + 1)
-                try:
-                    load_checkpoint(self, path)
-                except E.CheckpointError as bad:  # e.g. torn by the crash: try the one before
-                    errors.append(bad)
-                    continue
-                rec.recoveries += 1
-                last_lost = max(lost + committed + [step_id])
-                err.recovered = True
-                err.restored_step = step_id
-                err.replay = list(range(step_id + 1, last_lost + 1))
-                log.warning("recovered: every worker restored to step %d; steps %s must be replayed",
-                            step_id, err.replay)
-                return
-            log.error("no checkpoint could be restored: %s", errors)
-        except E.ActorgradError as failed:
-            log.error("recovery failed: %s", failed)
-            err.message += f" (recovery failed: {failed.message})"
-        finally:
-            self._recovering = False
+        self.recovery = recovery.Recovery.create(checkpoint_every, checkpoint_dir, max_restarts, keep)
 
     # --- lifecycle -------------------------------------------------------------
 
@@ -975,8 +716,7 @@ class Runtime:
         with self._lock:
             self.tracer.enabled = enabled
             for name in list(self.workers):
-                self._simple_request(name, m.SetState(next(self._ids), "trace", enabled), None,
-                                     f"switching tracing in '{name}'")
+                self._state_request(name, "trace", enabled, True, None, f"switching tracing in '{name}'")
 
     def collect_trace(self, path: str) -> str:
         """Gather every worker's timeline events and write them to ``path`` (Chrome trace JSON)."""
@@ -1005,5 +745,5 @@ class Runtime:
                 self.transport.close()
             finally:
                 self.workers.clear()
-                if self.recovery is not None and self.recovery.temporary:
-                    shutil.rmtree(self.recovery.directory, ignore_errors=True)
+                if self.recovery is not None:
+                    self.recovery.discard()

@@ -12,14 +12,14 @@ from __future__ import annotations
 import json
 import logging
 import os
-import time
 from typing import Any, Iterable, Optional
 
-log = logging.getLogger("actorgrad.trace")
+from .core.trace import COMPUTE_TID, MAX_EVENTS, MESSAGE_TID, Tracer, now_us
 
-COMPUTE_TID = 1
-MESSAGE_TID = 2
-MAX_EVENTS = 2_000_000
+__all__ = ["COMPUTE_TID", "MESSAGE_TID", "MAX_EVENTS", "KIND_COLOURS", "Tracer", "now_us", "chrome_trace",
+           "write_trace", "load_spans", "render_png"]
+
+log = logging.getLogger("actorgrad.trace")
 
 # Span kinds and their colours in rendered pictures.
 KIND_COLOURS = {
@@ -30,48 +30,6 @@ KIND_COLOURS = {
     "send": "#8172B3",
     "recv": "#937860",
 }
-
-
-def now_us() -> float:
-    """Wall-clock time in microseconds (comparable across processes on one machine)."""
-    return time.time_ns() / 1000.0
-
-
-class Tracer:
-    """Collects one process's events; disabled tracers cost one attribute check."""
-
-    def __init__(self, track: str, enabled: bool = False) -> None:
-        self.track = track
-        self.enabled = enabled
-        self.events: list[dict[str, Any]] = []
-        self.dropped = 0
-
-    def _add(self, ev: dict[str, Any]) -> None:
-        if len(self.events) >= MAX_EVENTS:
-            self.dropped += 1
-            return
-        self.events.append(ev)
-
-    def span(self, kind: str, start_us: float, end_us: float, tid: int = COMPUTE_TID, **args: Any) -> None:
-        """Record a complete span of ``kind`` ("forward", "backward", "update", "wait")."""
-        if not self.enabled:
-            return
-        self._add({"name": kind, "cat": kind, "ph": "X", "ts": start_us, "dur": max(0.0, end_us - start_us),
-                   "tid": tid, "args": args})
-
-    def instant(self, kind: str, tid: int = MESSAGE_TID, **args: Any) -> None:
-        """Record a point event (a message sent or received)."""
-        if not self.enabled:
-            return
-        self._add({"name": kind, "cat": kind, "ph": "i", "s": "t", "ts": now_us(), "tid": tid, "args": args})
-
-    def take(self) -> list[dict[str, Any]]:
-        """Hand over and clear the collected events."""
-        events, self.events = self.events, []
-        if self.dropped:
-            log.warning("%s: %d trace events dropped (limit %d)", self.track, self.dropped, MAX_EVENTS)
-            self.dropped = 0
-        return events
 
 
 def chrome_trace(tracks: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:

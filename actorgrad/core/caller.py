@@ -155,10 +155,14 @@ class CallerCore:
         self.step = rec
         return rec
 
-    def _send(self, worker: str, msg: m.Message, request: Optional[Request] = None) -> Send:
+    def next_seq(self, worker: str) -> int:
+        """Take the next sequence number of the channel to ``worker`` (every frame needs one, in order)."""
         seq = self._seq.get(worker, 0)
         self._seq[worker] = seq + 1
-        return Send(worker, seq, msg, request)
+        return seq
+
+    def _send(self, worker: str, msg: m.Message, request: Optional[Request] = None) -> Send:
+        return Send(worker, self.next_seq(worker), msg, request)
 
     def _request(self, worker: str, msg: Any, kind: Kind, step: Optional[StepRecord], obj: Any = None) -> Send:
         r = Request(msg.req, kind, worker, step, obj, epoch=self.epoch)

@@ -1,9 +1,20 @@
-"""The wire encoding of messages: msgpack, tensors as dtype + shape + raw buffer.
+"""The wire encoding of messages: a msgpack envelope plus one raw buffer per tensor.
 
-A message is packed as ``[code, field, field, ...]`` in the field order of its
-dataclass. Decoding checks the code, the number of fields and the type of
-every field, and rebuilds tensors from raw bytes; nothing is ever unpickled,
-and anything unexpected raises ``DecodeError``.
+A message encodes to a ``Frame``: an envelope, packed as ``[code, field, field,
+...]`` in the field order of its dataclass, in which each tensor is an extension
+holding only its header ``[dtype, shape, buffer index]``, and the tensors' raw
+bytes as separate (out-of-band) buffers. A transport moves the buffers as it
+likes (written one after the other to a socket, handed over in process) while
+the envelope stays schema-checked msgpack. Decoding checks the code, the number
+of fields and the type of every field, and that every buffer belongs to exactly
+one tensor of the right size; nothing is ever unpickled, and anything
+unexpected raises ``DecodeError``.
+
+[Note: frame ownership] ``encode_frame`` copies nothing: its buffers are views
+of the sender's tensors, which the sender may change later (an optimizer step,
+a user reusing an input). ``Frame.private()`` makes the one copy that lets a
+frame outlive that; a frame whose ``owned`` is true has buffers nobody else
+reads or writes, and decodes into tensors built on them without a copy.
 
 Decoding a frame costs time and memory bounded by a small multiple of its size
 and by ``MAX_ELEMENTS``: before msgpack builds a single object, ``scan_frame``
@@ -42,8 +53,14 @@ MAX_DEPTH = 64
 # most), ~230 for a tiny tensor. Raise it by setting ``actorgrad.core.codec.MAX_ELEMENTS`` in every process
 # (caller and workers) before the runtime starts.
 MAX_ELEMENTS = 1 << 20
-# A tensor header is msgpack ``[dtype, shape]``: at most ~300 bytes for MAX_DIMS dimensions.
+# A tensor header is msgpack ``[dtype, shape, index]``: at most ~300 bytes for MAX_DIMS dimensions.
 MAX_TENSOR_HEADER = 512
+# Tensors (buffers) one frame may carry: each costs a buffer view and a size entry before the envelope
+# is read, so their number is bounded on its own (~50 MiB of views at most).
+MAX_BUFFERS = 1 << 18
+# Buffers start at multiples of this in Frame.to_bytes, so that tensors built on a received buffer
+# are aligned for every dtype (the largest element, complex128, is 16 bytes).
+ALIGN = 16
 
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -67,51 +84,33 @@ _ITEMSIZE = {name: dt.itemsize for name, dt in DTYPES.items()}
 # --- tensors ---------------------------------------------------------------
 
 
-_TENSOR_HDR = struct.Struct("!H")
+def tensor_header(dtype: str, shape: list, index: int) -> bytes:
+    """A tensor extension's payload: msgpack ``[dtype, shape, buffer index]``."""
+    return msgpack.packb([dtype, list(shape), index], use_bin_type=True)
 
 
-def tensor_payload(dtype: str, shape: list, raw: Any) -> bytes:
-    """A tensor extension's bytes: u16 header length, msgpack [dtype, shape], then the raw buffer."""
-    hdr = msgpack.packb([dtype, list(shape)], use_bin_type=True)
-    # One copy of the raw buffer, straight from the tensor's memory (no intermediate bytes object).
-    return b"".join((_TENSOR_HDR.pack(len(hdr)), hdr, raw))
-
-
-def tensor_to_payload(t: torch.Tensor) -> bytes:
-    """A tensor (moved to CPU, made contiguous) as extension bytes."""
+def tensor_buffer(t: torch.Tensor) -> tuple[str, list, Any, bool]:
+    """A tensor's dtype name, shape, raw bytes (a view where possible) and whether those are a private copy."""
     name = _DTYPE_NAMES.get(t.dtype)
     if name is None:
         raise TypeError(f"tensors of dtype {t.dtype} cannot be sent")
     t = t.detach()
+    private = False
     if t.device.type != "cpu":
-        t = t.cpu()
-    t = t.contiguous()
-    raw = memoryview(t.reshape(-1).view(torch.uint8).numpy()) if t.numel() else b""
-    return tensor_payload(name, list(t.shape), raw)
+        t, private = t.cpu(), True
+    if not t.is_contiguous():
+        t, private = t.contiguous(), True
+    if not t.numel():
+        return name, list(t.shape), b"", True
+    # A view of the tensor's own memory: no copy here (see [Note: frame ownership]).
+    return name, list(t.shape), memoryview(t.reshape(-1).view(torch.uint8).numpy()), private
 
 
-def tensor_from_payload(data: bytes) -> torch.Tensor:
-    """Rebuild a tensor from extension bytes, checking every part."""
-    if len(data) < _TENSOR_HDR.size:
-        raise DecodeError("a tensor needs a header")
-    (n,) = _TENSOR_HDR.unpack_from(data)
-    if _TENSOR_HDR.size + n > len(data):
-        raise DecodeError("a tensor header runs past its data")
-    if n > MAX_TENSOR_HEADER:
-        raise DecodeError(f"a tensor header of {n} bytes is longer than {MAX_TENSOR_HEADER}")
-    try:
-        # Limits sized for [dtype, shape]: whatever else a header holds stays this small.
-        hdr = msgpack.unpackb(data[_TENSOR_HDR.size:_TENSOR_HDR.size + n], raw=False, max_array_len=MAX_DIMS,
-                              max_map_len=0, max_str_len=64, max_bin_len=0, max_ext_len=0)
-    except Exception as exc:
-        raise DecodeError(f"a tensor header is malformed: {type(exc).__name__}: {exc}") from None
-    if not isinstance(hdr, list) or len(hdr) != 2:
-        raise DecodeError("a tensor header must be [dtype, shape]")
-    return tensor_from_bytes(hdr[0], hdr[1], memoryview(data)[_TENSOR_HDR.size + n:])
+def tensor_from_bytes(dtype: Any, shape: Any, data: Any, owned: bool = False) -> torch.Tensor:
+    """Rebuild a tensor from dtype name, shape and raw bytes, checking each part.
 
-
-def tensor_from_bytes(dtype: Any, shape: Any, data: Any) -> torch.Tensor:
-    """Rebuild a tensor from dtype name, shape and raw bytes, checking each part."""
+    ``owned``: nobody else reads or writes ``data``, so the tensor may be built on it without a copy.
+    """
     if not isinstance(dtype, str) or dtype not in DTYPES:
         raise DecodeError(f"unknown tensor dtype {_brief(dtype)}")
     if not isinstance(shape, list) or len(shape) > MAX_DIMS:
@@ -119,14 +118,18 @@ def tensor_from_bytes(dtype: Any, shape: Any, data: Any) -> torch.Tensor:
     for s in shape:
         if not _is_int(s) or s < 0:
             raise DecodeError(f"tensor shape has an invalid size {_brief(s)}")
-    if not isinstance(data, (bytes, bytearray, memoryview)):
-        raise DecodeError("tensor data must be raw bytes")
+    try:
+        data = memoryview(data)
+    except TypeError:
+        raise DecodeError("tensor data must be raw bytes") from None
+    if not data.c_contiguous:
+        raise DecodeError("tensor data must be contiguous")
     dt = DTYPES[dtype]
     numel = math.prod(shape)
     itemsize = _ITEMSIZE[dtype]
-    if numel * itemsize != len(data):
+    if numel * itemsize != data.nbytes:
         raise DecodeError(
-            f"tensor of dtype {dtype} and shape {shape} needs {numel * itemsize} bytes, got {len(data)}"
+            f"tensor of dtype {dtype} and shape {shape} needs {numel * itemsize} bytes, got {data.nbytes}"
         )
     if numel == 0:
         # An empty tensor's other sizes are unchecked by its (zero) byte count; torch computes strides
@@ -134,37 +137,183 @@ def tensor_from_bytes(dtype: Any, shape: Any, data: Any) -> torch.Tensor:
         if math.prod(max(s, 1) for s in shape) * itemsize > _MAX_TENSOR_BYTES:
             raise DecodeError(f"tensor shape {shape} is too large")
         return torch.empty(shape, dtype=dt)
-    # One copy into memory the tensor owns (received bytes are immutable).
-    flat = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    if data.format != "B":
+        data = data.cast("B")
+    if owned and not data.readonly:
+        flat = torch.frombuffer(data, dtype=torch.uint8)
+        if flat.data_ptr() % itemsize:  # a buffer at an odd offset (not laid out by Frame.to_bytes)
+            flat = flat.clone()
+    else:
+        # One copy into memory the tensor owns: the sender's bytes may be immutable or still in use.
+        flat = torch.frombuffer(bytearray(data), dtype=torch.uint8)
     return flat.view(dt).reshape(shape)
 
 
 _MAX_TENSOR_BYTES = (1 << 63) - 1
 
 
+class _Tensors:
+    """One decode's buffers: each taken by exactly one tensor extension."""
+
+    __slots__ = ("buffers", "owned", "taken", "count")
+
+    def __init__(self, buffers: list, owned: bool) -> None:
+        self.buffers = buffers
+        self.owned = owned
+        self.taken = bytearray(len(buffers))
+        self.count = 0
+
+    def take(self, payload: bytes) -> torch.Tensor:
+        """The tensor a header extension describes, built on its buffer."""
+        if len(payload) > MAX_TENSOR_HEADER:
+            raise DecodeError(f"a tensor header of {len(payload)} bytes is longer than {MAX_TENSOR_HEADER}")
+        try:
+            # Limits sized for [dtype, shape, index]: whatever else a header holds stays this small.
+            hdr = msgpack.unpackb(payload, raw=False, max_array_len=MAX_DIMS, max_map_len=0, max_str_len=64,
+                                  max_bin_len=0, max_ext_len=0)
+        except Exception as exc:
+            raise DecodeError(f"a tensor header is malformed: {type(exc).__name__}: {exc}") from None
+        if not isinstance(hdr, list) or len(hdr) != 3:
+            raise DecodeError("a tensor header must be [dtype, shape, buffer index]")
+        index = hdr[2]
+        if not _is_int(index) or not 0 <= index < len(self.buffers):
+            raise DecodeError(f"tensor buffer {_brief(index)} does not exist (the frame has {len(self.buffers)})")
+        if self.taken[index]:
+            raise DecodeError(f"tensor buffer {index} is used twice")
+        self.taken[index] = 1
+        self.count += 1
+        return tensor_from_bytes(hdr[0], hdr[1], self.buffers[index], self.owned)
+
+
+# --- frames ------------------------------------------------------------------
+
+_FRAME_HEAD = struct.Struct("<II")  # envelope length, buffer count
+_PADDING = bytes(ALIGN)
+
+
+class Frame:
+    """One encoded message: a msgpack envelope and one contiguous byte buffer per tensor.
+
+    ``owned``: nobody but the receiver reads or writes the buffers (see [Note: frame ownership]).
+    As bytes (``to_bytes``): u32 envelope length, u32 buffer count, one u64 size per buffer
+    (little-endian), the envelope, then each buffer, starting at a multiple of ALIGN (zero padding).
+    """
+
+    __slots__ = ("envelope", "buffers", "owned", "nbytes")
+
+    def __init__(self, envelope: bytes, buffers: list, owned: bool = False) -> None:
+        self.envelope = envelope
+        self.buffers = buffers
+        self.owned = owned
+        # Buffers are byte-formatted (bytes, bytearray, memoryview of "B"): len is their size.
+        self.nbytes = len(envelope) + sum(map(len, buffers))
+
+    def __repr__(self) -> str:
+        return f"Frame({len(self.envelope)} byte envelope, {len(self.buffers)} buffers, {self.nbytes} bytes)"
+
+    def private(self) -> "Frame":
+        """This frame with buffers nobody else holds: a copy of each borrowed one (self if already owned)."""
+        if self.owned:
+            return self
+        return Frame(self.envelope, [bytearray(b) for b in self.buffers], owned=True)
+
+    def parts(self) -> list:
+        """The frame's bytes as buffers to write one after the other (``writelines``: no join copy)."""
+        sizes = [len(b) for b in self.buffers]
+        head = _FRAME_HEAD.pack(len(self.envelope), len(sizes)) + struct.pack(f"<{len(sizes)}Q", *sizes)
+        out = [head, self.envelope]
+        pos = len(head) + len(self.envelope)
+        for buf, size in zip(self.buffers, sizes):
+            pad = -pos % ALIGN
+            if pad:
+                out.append(_PADDING[:pad])
+            out.append(buf)
+            pos += pad + size
+        return out
+
+    def to_bytes(self) -> bytes:
+        """The frame as one bytes object (for transports that move bytes)."""
+        return b"".join(self.parts())
+
+    @classmethod
+    def from_bytes(cls, data: Any, owned: bool = False) -> "Frame":
+        """Split bytes written by ``to_bytes`` into envelope and buffer views (no copy); DecodeError if they lie.
+
+        ``owned``: the caller hands ``data`` over (e.g. a bytearray just read from a socket), so tensors
+        may be built on it.
+        """
+        try:
+            view = memoryview(data)
+        except TypeError:
+            raise DecodeError(f"a frame must be bytes, got {type(data).__name__}") from None
+        if view.format != "B" or view.ndim != 1:
+            if not view.c_contiguous:
+                raise DecodeError("a frame must be contiguous bytes")
+            view = view.cast("B")
+        n = len(view)
+        if n < _FRAME_HEAD.size:
+            raise DecodeError(f"a frame of {n} bytes is shorter than its header")
+        n_env, count = _FRAME_HEAD.unpack_from(view)
+        # Every count and size is checked against the frame's own length before anything is built.
+        if count > MAX_BUFFERS:
+            raise DecodeError(f"a frame declares {count} buffers (at most {MAX_BUFFERS})")
+        table = _FRAME_HEAD.size + 8 * count
+        if table + n_env > n:
+            raise DecodeError(f"a frame of {n} bytes declares {count} buffers and a {n_env} byte envelope")
+        sizes = struct.unpack_from(f"<{count}Q", view, _FRAME_HEAD.size)
+        pos = table + n_env
+        buffers = []
+        for size in sizes:
+            pos += -pos % ALIGN
+            end = pos + size
+            if end > n:
+                raise DecodeError(f"a frame of {n} bytes declares a buffer of {size} bytes at offset {pos}")
+            buffers.append(view[pos:end])
+            pos = end
+        if pos != n:
+            raise DecodeError(f"a frame has {n - pos} bytes after its last buffer")
+        return cls(bytes(view[table:table + n_env]), buffers, owned)
+
+
 # --- value trees -----------------------------------------------------------
 
 
-def _default(obj: Any) -> Any:
-    if isinstance(obj, torch.Tensor):
-        return msgpack.ExtType(_EXT_TENSOR, tensor_to_payload(obj))
-    if isinstance(obj, m.Slot):
-        return msgpack.ExtType(_EXT_SLOT, _packb(obj.index))
-    if isinstance(obj, tuple):
-        return msgpack.ExtType(_EXT_TUPLE, _packb(list(obj)))
-    raise TypeError(f"cannot send a value of type {type(obj).__name__}")
+class _Packer:
+    """One encode: packs value trees and collects their tensors' buffers."""
+
+    __slots__ = ("buffers", "owned")
+
+    def __init__(self) -> None:
+        self.buffers: list = []
+        self.owned = True  # until a buffer is a view of someone's tensor
+
+    def default(self, obj: Any) -> Any:
+        """msgpack's hook for what it cannot pack itself: tensors, slots, tuples."""
+        if isinstance(obj, torch.Tensor):
+            name, shape, buf, private = tensor_buffer(obj)
+            index = len(self.buffers)
+            if index >= MAX_BUFFERS:
+                raise TypeError(f"a message may hold at most {MAX_BUFFERS} tensors")
+            self.buffers.append(buf)
+            self.owned = self.owned and private
+            return msgpack.ExtType(_EXT_TENSOR, tensor_header(name, shape, index))
+        if isinstance(obj, m.Slot):
+            return msgpack.ExtType(_EXT_SLOT, self.packb(obj.index))
+        if isinstance(obj, tuple):
+            return msgpack.ExtType(_EXT_TUPLE, self.packb(list(obj)))
+        raise TypeError(f"cannot send a value of type {type(obj).__name__}")
+
+    def packb(self, obj: Any) -> bytes:
+        """``obj`` as msgpack, tensors as header extensions."""
+        return msgpack.packb(obj, default=self.default, strict_types=True, use_bin_type=True)
 
 
-def _packb(obj: Any) -> bytes:
-    return msgpack.packb(obj, default=_default, strict_types=True, use_bin_type=True)
-
-
-def _ext_hook(level: int, code: int, data: bytes) -> Any:
+def _ext_hook(tensors: _Tensors, level: int, code: int, data: bytes) -> Any:
     # ``level`` counts the unpackb calls around this one: each tuple re-enters msgpack's C unpacker
     # (with its parse stack on the C stack), so the count is refused before re-entering, never after.
     # scan_frame already bounds it; this is the backstop should the two ever disagree.
     if code == _EXT_TENSOR:
-        return tensor_from_payload(data)
+        return tensors.take(data)
     if code == _EXT_SLOT:
         index = msgpack.unpackb(data)
         if not _is_int(index) or index < 0:
@@ -173,7 +322,7 @@ def _ext_hook(level: int, code: int, data: bytes) -> Any:
     if code == _EXT_TUPLE:
         if level >= _MAX_LEVELS:
             raise DecodeError(f"value is nested too deeply (at most {MAX_DEPTH} levels)")
-        items = _unpackb(data, _EXT_HOOKS[level + 1])
+        items = _unpackb(data, partial(_ext_hook, tensors, level + 1))
         if not isinstance(items, list):
             raise DecodeError("a tuple must be packed as a list")
         return tuple(items)
@@ -182,8 +331,6 @@ def _ext_hook(level: int, code: int, data: bytes) -> Any:
 
 # Tuples nest at most MAX_DEPTH deep below a field, which is itself inside the message list.
 _MAX_LEVELS = MAX_DEPTH + 2
-# One hook per nesting level, built once: no per-decode state, so decoding is safe on any thread.
-_EXT_HOOKS = [partial(_ext_hook, level) for level in range(_MAX_LEVELS + 1)]
 
 
 def _unpackb(data: bytes, ext_hook: Callable[[int, bytes], Any]) -> Any:
@@ -555,8 +702,8 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def encode(msg: m.Message) -> bytes:
-    """Encode one message to bytes."""
+def encode_frame(msg: m.Message) -> Frame:
+    """Encode one message: its envelope, and views of its tensors' memory as buffers (no copy)."""
     code = _CODES.get(type(msg))
     if code is None:
         raise TypeError(f"not a message: {type(msg).__name__}")
@@ -564,31 +711,42 @@ def encode(msg: m.Message) -> bytes:
     for f in fields(msg):
         value = getattr(msg, f.name)
         payload.append(_plain(value) if f.name in _STRUCT_FIELDS else value)
+    packer = _Packer()
     try:
-        data = _packb(payload)
+        envelope = packer.packb(payload)
     except (RecursionError, ValueError) as e:
         # Each tuple re-enters the packer (RecursionError); msgpack's own nesting limit raises ValueError.
         if isinstance(e, ValueError) and "recursion" not in str(e):
             raise
         raise TypeError(f"value is nested too deeply (at most {MAX_DEPTH} levels)") from None
-    # No scan of the finished frame here: it would cost the hot path ~0.2 us per value. What users
+    # No scan of the finished envelope here: it would cost the hot path ~0.2 us per value. What users
     # send (call arguments, states) is checked by check_value_tree against the decoder's own budgets
     # before it is encoded; everything else is built by actorgrad itself.
-    return data
+    return Frame(envelope, packer.buffers, packer.owned)
 
 
-def decode(data: bytes) -> m.Message:
-    """Decode and validate one message; raise DecodeError on anything unexpected."""
-    if not isinstance(data, (bytes, bytearray, memoryview)):
-        raise DecodeError(f"a message must be bytes, got {type(data).__name__}")
-    data = bytes(data)
+def decode_frame(frame: Frame) -> m.Message:
+    """Decode and validate one message; raise DecodeError on anything unexpected.
+
+    Tensors are built on the frame's buffers where it owns them (``frame.owned``), else on a copy.
+    """
+    if not isinstance(frame, Frame):
+        raise DecodeError(f"a message must be a Frame, got {type(frame).__name__}")
+    data, buffers = frame.envelope, frame.buffers
+    if not isinstance(data, bytes):
+        raise DecodeError(f"an envelope must be bytes, got {type(data).__name__}")
+    if len(buffers) > MAX_BUFFERS:
+        raise DecodeError(f"a frame holds {len(buffers)} buffers (at most {MAX_BUFFERS})")
     scan_frame(data)  # before msgpack builds anything: refuses what would nest or expand beyond the budgets
+    tensors = _Tensors(buffers, frame.owned)
     try:
-        raw = _unpackb(data, _EXT_HOOKS[0])
+        raw = _unpackb(data, partial(_ext_hook, tensors, 0))
     except DecodeError:
         raise
     except Exception as e:  # msgpack raises many types on bad input
         raise DecodeError(f"malformed message: {type(e).__name__}: {e}") from None
+    if tensors.count != len(buffers):
+        raise DecodeError(f"a frame holds {len(buffers) - tensors.count} buffers that no tensor uses")
     if not isinstance(raw, list) or not raw:
         raise DecodeError("a message must be a non-empty list")
     code = raw[0]
@@ -606,6 +764,16 @@ def decode(data: bytes) -> m.Message:
     if cls is m.Forward:
         _check_slots(values)
     return cls(*values)
+
+
+def encode(msg: m.Message) -> bytes:
+    """Encode one message to bytes (``Frame.to_bytes`` of its frame)."""
+    return encode_frame(msg).to_bytes()
+
+
+def decode(data: bytes) -> m.Message:
+    """Decode and validate one message from bytes written by ``encode``; raise DecodeError on anything unexpected."""
+    return decode_frame(Frame.from_bytes(data))
 
 
 def _check_slots(values: list) -> None:

@@ -1,9 +1,13 @@
 """Update rules: when a worker applies its optimizer, and to which gradients.
 
-The table ``UPDATE_RULES`` maps a rule name to what happens when one pass has
-delivered all of this worker's gradients (``on_pass``) and when the step
-closes (``on_close``). A user callable takes an ``UpdateContext`` at both
-events and returns True to apply the pending gradients now.
+A rule says what happens when one pass has delivered all of this worker's
+gradients (``on_pass``) and when the step commits (``on_close``); both hooks
+get an ``UpdateContext``. A rule class declares what the worker must do for
+it (``accumulates``, ``stashes_weights``, ``needs_optimizer``,
+``decides_at_commit``); the worker does the bookkeeping (pending gradients,
+freeing them at commit). ``register_rule`` adds a named rule to the table
+``update=`` looks names up in. A user callable takes an ``UpdateContext`` at
+both events and returns True to apply the pending gradients now.
 
 [Note: weight stashing]
 A call's backward must use the weights its forward used. When a rule may
@@ -26,8 +30,8 @@ import torch
 from torch.optim.lr_scheduler import LRScheduler
 
 from ..errors import CheckpointError, ConfigError
-from ..optim import UpdateOptions
 from .codec import check_value_tree
+from .optim import UpdateOptions
 
 log = logging.getLogger("actorgrad.rules")
 
@@ -281,6 +285,11 @@ class UpdateContext:
             self._passes.clear()
         return applied
 
+    def apply_pass(self) -> bool:
+        """Apply this pass's gradients alone (``pass_grads``) now, leaving the pending ones as they are."""
+        assert self.pass_id is not None, "apply_pass() needs a pass event"
+        return self._updater.apply(self.pass_grads, self.step, [self.pass_id])
+
 
 @dataclass
 class PendingGrads:
@@ -310,87 +319,91 @@ class PendingGrads:
 
 
 class Rule:
-    """Base of the rules: what to do at the end of a pass and at step close."""
+    """Base of the update rules: what to do when a pass completes here and when its step commits.
 
-    stashes = False  # whether updates may land while calls still wait for backward
+    The class attributes declare what the worker does for the rule, so that it never has to
+    recognise a rule by its class.
+    """
 
-    def on_pass(self, updater: Updater, pending: PendingGrads, step: int, pass_id: int, grads: Grads) -> bool:
-        raise NotImplementedError
+    accumulates = True  # each completed pass's gradients are summed into the step's pending ones
+    stashes_weights = False  # updates may land while calls still wait for their backward
+    needs_optimizer = True  # parameter gradients without an optimizer are an error at backward
+    decides_at_commit = False  # whether it applies at commit is known only then (reports are not final)
 
-    def on_close(self, updater: Updater, pending: PendingGrads, step: int) -> bool:
-        raise NotImplementedError
+    def on_pass(self, ctx: UpdateContext) -> bool:
+        """A pass delivered all of this worker's gradients; return whether an update was applied."""
+        return False
+
+    def on_close(self, ctx: UpdateContext) -> bool:
+        """The step commits; return whether an update was applied. Pending gradients are freed after."""
+        return False
 
 
 class StepRule(Rule):
-    """Sum every gradient of every call and pass of the step; apply once at close."""
+    """Sum every gradient of every call and pass of the step; apply once at commit."""
 
-    def on_pass(self, updater, pending, step, pass_id, grads):
-        pending.add(step, pass_id, grads)
-        return False
-
-    def on_close(self, updater, pending, step):
-        try:
-            passes = list(pending.passes.get(step, ()))
-            return updater.apply(pending.pop(step), step, passes)
-        finally:
-            updater.closed(step)
+    def on_close(self, ctx: UpdateContext) -> bool:
+        return ctx.apply()
 
 
 class PassRule(Rule):
     """Apply as soon as one pass has delivered all of this worker's gradients."""
 
-    stashes = True
+    accumulates = False
+    stashes_weights = True
 
-    def on_pass(self, updater, pending, step, pass_id, grads):
-        return updater.apply(grads, step, [pass_id])
-
-    def on_close(self, updater, pending, step):
-        pending.pop(step)
-        updater.closed(step)
-        return False
+    def on_pass(self, ctx: UpdateContext) -> bool:
+        return ctx.apply_pass()
 
 
 class CallableRule(Rule):
     """A user function that sees the pending gradients at each event and decides."""
 
-    stashes = True
+    stashes_weights = True
+    needs_optimizer = False  # the function may use the gradients without the optimizer
+    decides_at_commit = True
 
     def __init__(self, fn: Callable[[UpdateContext], Any]) -> None:
         self.fn = fn
 
-    def _call(self, updater, pending, step, event, pass_id, pass_grads) -> bool:
-        grads = pending.for_step(step)
-        ctx = UpdateContext(
-            worker=updater.worker, step=step, event=event, pass_id=pass_id, grads=grads,
-            pass_grads=pass_grads, module=updater.module, optimizer=updater.optimizer,
-            version=updater.version, _updater=updater, _passes=pending.passes_of(step), scheduler=updater.scheduler,
-        )
-        before = updater.version
+    def _call(self, ctx: UpdateContext) -> bool:
+        before = ctx.version
         if self.fn(ctx):
             ctx.apply()
-        return updater.version != before
+        return ctx._updater.version != before
 
-    def on_pass(self, updater, pending, step, pass_id, grads):
-        pending.add(step, pass_id, grads)
-        return self._call(updater, pending, step, "pass", pass_id, grads)
-
-    def on_close(self, updater, pending, step):
-        try:
-            return self._call(updater, pending, step, "close", None, {})
-        finally:
-            pending.pop(step)
-            updater.closed(step)
+    on_pass = _call
+    on_close = _call
 
 
-UPDATE_RULES: dict[str, Callable[[], Rule]] = {"step": StepRule, "pass": PassRule}
+RuleFactory = Callable[[], Rule]
+UPDATE_RULES: dict[str, RuleFactory] = {"step": StepRule, "pass": PassRule}
+
+
+def register_rule(name: str, factory: RuleFactory) -> None:
+    """Make ``update=name`` in ag.spawn build each worker's rule with ``factory()`` (a Rule subclass or a
+    function returning a Rule)."""
+    if not isinstance(name, str) or not name:
+        raise ConfigError(f"a rule name must be a non-empty string, got {name!r}")
+    if name in UPDATE_RULES:
+        raise ConfigError(f"an update rule named {name!r} is already registered")
+    if not callable(factory):
+        raise ConfigError(f"register_rule needs a factory that returns a Rule, got {factory!r}")
+    UPDATE_RULES[name] = factory
 
 
 def make_rule(update: Any) -> Rule:
-    """The rule object for an ``update=`` argument of ag.spawn."""
+    """The rule object for an ``update=`` argument of ag.spawn (a registered name, a callable or a Rule)."""
+    if isinstance(update, Rule):
+        return update
     if isinstance(update, str):
         if update not in UPDATE_RULES:
-            raise ConfigError(f"update must be one of {sorted(UPDATE_RULES)} or a callable, got {update!r}")
-        return UPDATE_RULES[update]()
+            raise ConfigError(f"unknown update rule {update!r}; known rules: {sorted(UPDATE_RULES)} "
+                              "(or pass a callable, or add one with ag.register_rule)")
+        rule = UPDATE_RULES[update]()
+        if not isinstance(rule, Rule):
+            raise ConfigError(f"the factory of update rule {update!r} returned {type(rule).__name__}, not a Rule")
+        return rule
     if callable(update):
         return CallableRule(update)
     raise ConfigError(f"update must be one of {sorted(UPDATE_RULES)} or a callable, got {update!r}")

@@ -243,7 +243,7 @@ def test_custom_backward_is_used():
         def backward(self, inputs, outputs, grad_outputs):
             return [grad_outputs[0] * 10.0], {"w": torch.tensor(1.0)}
 
-    core = WorkerCore(WorkerSpec("s", Scale(), Optim(torch.optim.SGD, lr=1.0)))
+    core = WorkerCore(WorkerSpec("s", Scale(), Optim(torch.optim.SGD, lr=1.0), custom_backward=True))
     core.handle(m.Value(1, 10, 0, 5, torch.ones(3)))
     core.handle(forward_from_peer())
     out = core.handle(m.Plan(2, 100, 1, (m.Expect(10, 0, ((m.SEED, 0),)),), (m.SeedGrad(10, 0, 0, torch.ones(3)),)))
