@@ -38,8 +38,11 @@ DEFAULT_TIMEOUT = 120.0
 # How long a deadline error may wait for the workers' own account of what they miss: a deadline
 # is raised within timeout + this margin, with whatever the probes answered by then.
 PROBE_MARGIN = 0.25
+# A worker still starting does not count against a wait's deadline, up to this many seconds of start-up
+# (an autoscaling cluster may have to add a node); beyond, the deadline error says it is still starting.
+START_LIMIT = 600.0
 
-__all__ = ["Runtime", "WorkerInfo", "DEFAULT_TIMEOUT", "PROBE_MARGIN", "StepRecord", "PassRecord"]
+__all__ = ["Runtime", "WorkerInfo", "DEFAULT_TIMEOUT", "PROBE_MARGIN", "START_LIMIT", "StepRecord", "PassRecord"]
 
 
 @dataclass
@@ -205,6 +208,11 @@ class Runtime:
                     return
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
+                    if self._still_starting(what):
+                        # A worker's start-up (Ray placing it, imports, unpickling a big module) is not
+                        # the step's time: the deadline counts from when it runs.
+                        deadline = time.monotonic() + (self.timeout if timeout is None else float(timeout))
+                        continue
                     raise self._deadline_error(step, what, timeout)
                 try:
                     r, fut = self._events.get(timeout=min(remaining, 0.5))
@@ -214,6 +222,14 @@ class Runtime:
         finally:
             if self.tracer.enabled and now_us() - t0 > 50:
                 self.tracer.span("wait", t0, now_us(), what=what()[0])
+
+    def _still_starting(self, what: WhatFn) -> bool:
+        """Whether a worker this wait depends on is still starting, and may still take its time."""
+        for worker, _ in what()[1]:
+            started = self.transport.starting(worker)
+            if started is not None and started < START_LIMIT:
+                return True
+        return False
 
     def _deadline_error(self, step: Optional[StepRecord], what: WhatFn,
                         timeout: Optional[float]) -> E.DeadlineExceeded:

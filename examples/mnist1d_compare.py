@@ -49,7 +49,7 @@ from _common import describe_mlp, mlp_blocks, plot_curves, postfix, progress  # 
 from _common import train_on_workers as _train_on_workers  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-TOLERANCE = 1e-5  # DESIGN.md, semantics 1: float32 parameters match plain PyTorch to this
+TOLERANCE = 1e-5  # docs/design.md, semantics 1: float32 parameters match plain PyTorch to this
 
 # Greydanus (2020), "Scaling Down Deep Learning", and the mnist1d README: test accuracy on MNIST-1D.
 PUBLISHED = [("logistic regression", "32%"), ("MLP", "68%"), ("CNN", "94%"), ("GRU", "91%"), ("human expert", "96%")]

@@ -197,7 +197,22 @@ class SlowStart(torch.nn.Linear):
         super().__setstate__(state)
 
 
-def test_deadline_while_the_worker_is_still_starting_says_so(ray_session):
+def test_start_up_does_not_count_against_a_deadline(ray_session):
+    ray_session()
+    ag.init(backend="ray", timeout=1.0)
+    try:
+        slow = ag.spawn(SlowStart(), name="slow")
+        # 3 s of start-up (more on a loaded machine) against a 1 s deadline: the wait counts from the start.
+        assert slow(torch.ones(1, 2)).value().shape == (1, 2)
+        assert ag.api._current().transport.starting("slow") is None
+    finally:
+        ag.shutdown()
+
+
+def test_a_start_up_beyond_the_limit_is_a_deadline_that_says_still_starting(ray_session, monkeypatch):
+    from actorgrad import runtime
+
+    monkeypatch.setattr(runtime, "START_LIMIT", 0.5)
     ray_session()
     ag.init(backend="ray", timeout=1.0)
     try:

@@ -1,4 +1,4 @@
-"""Exactness: actorgrad against plain PyTorch as the oracle (DESIGN.md, semantics 1 and 4).
+"""Exactness: actorgrad against plain PyTorch as the oracle (docs/design.md, semantics 1 and 4).
 
 Seeded random architectures — fan-out, fan-in, multi-output modules, modules
 called several times per step, one to three losses, outputs that feed nothing,

@@ -1,7 +1,7 @@
 """The real-data examples run end to end at a reduced size (``--tiny``), in this process.
 
 They write their curves and tables, and backprop through workers ends with the
-same parameters as plain PyTorch (DESIGN.md, semantics 1) on real data.
+same parameters as plain PyTorch (docs/design.md, semantics 1) on real data.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Behaviour of the public API on both backends (DESIGN.md, "Semantics that tests hold the library to").
+"""Behaviour of the public API on both backends (docs/design.md, "Semantics").
 
 detach, no_grad, outputs that no pass needs, workers without gradients, state
 dicts, multi-seed and explicit-gradient backward, worker names, node values

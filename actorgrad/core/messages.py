@@ -121,7 +121,11 @@ class Gradient:
 
 @dataclass(frozen=True, slots=True)
 class Close:
-    """Caller -> worker: the step is closed; apply its update once its passes are done."""
+    """Caller -> worker: the step is closed; finish its calls and passes here, then answer with a report.
+
+    The answer means "ready": nothing is applied until the caller's Commit, which comes once every
+    participant of the step is ready (a step that fails anywhere before that applies nothing).
+    """
 
     req: int
     step: int
@@ -156,7 +160,12 @@ class Fetch:
 
 @dataclass(frozen=True, slots=True)
 class GetState:
-    """Caller -> worker: send back state; ``what`` is "module" or "full"."""
+    """Caller -> worker: send back state.
+
+    ``what``: "module" (the state_dict), "full" (module, optimizer, schedule, weight versions: a
+    checkpoint entry), "stats" and "memory" (what the worker holds), "trace" (timeline events), or
+    "update" (the report of the update applied at the last Commit).
+    """
 
     req: int
     what: str
@@ -164,7 +173,7 @@ class GetState:
 
 @dataclass(frozen=True, slots=True)
 class SetState:
-    """Caller -> worker: replace state; ``what`` is "module" or "full"."""
+    """Caller -> worker: replace state; ``what`` is "module", "full" (as GetState), or "trace" (on/off)."""
 
     req: int
     what: str
