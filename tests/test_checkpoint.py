@@ -207,3 +207,53 @@ def test_stale_pipeline_resumes_exactly(backend, tmp_path):
     for w in workers:
         for k, v in w.state_dict().items():
             torch.testing.assert_close(v, expected[w.name][k], atol=1e-6, rtol=1e-6)
+
+
+def test_rewind_in_the_same_process_equals_a_run_restarted_from_the_checkpoint(backend, tmp_path):
+    workers = build()
+    train(workers, 2, seed=1)
+    path = str(tmp_path / "ckpt")
+    ag.save(path)
+    saved = params(workers)
+    train(workers, 3, seed=2)  # steps that the rewind throws away
+    half = workers[0](torch.randn(8, 4))  # and a step left open, with a call in flight
+    ag.load(path)
+    assert {n: {k: v for k, v in sd.items()} for n, sd in params(workers).items()}.keys() == saved.keys()
+    for name, sd in params(workers).items():
+        for k, v in sd.items():
+            torch.testing.assert_close(v, saved[name][k], atol=0, rtol=0)
+    with pytest.raises(E.ActorgradError):  # the open step was abandoned by the rewind
+        half.value(timeout=30)
+    train(workers, 3, seed=3)
+    rewound = params(workers)
+    assert ag.step().step == 6  # the counter went back to the checkpoint's step (2) and on
+
+    # The same from a fresh runtime restored from the same state: the oracle for the rewind.
+    ag.shutdown()
+    ag.init(backend=backend)
+    again = build(seed=99)
+    ag.load(path)
+    train(again, 3, seed=3)
+    for name, sd in params(again).items():
+        for k, v in sd.items():
+            torch.testing.assert_close(rewound[name][k], v, atol=1e-6, rtol=1e-6)
+
+
+def test_load_twice_and_after_a_refused_checkpoint_training_goes_on(backend, tmp_path):
+    workers = build()
+    train(workers, 2, seed=1)
+    good = str(tmp_path / "good")
+    ag.save(good)
+    bad = tmp_path / "bad"
+    ag.save(str(bad))
+    version = (bad / "LATEST").read_text().strip()
+    (bad / version / "0.pt").write_bytes(b"corrupt")
+    for _ in range(2):
+        ag.load(good)
+        train(workers, 2, seed=4)
+    with pytest.raises(E.CheckpointError):
+        ag.load(str(bad))
+    train(workers, 1, seed=5)  # a refused load changes nothing: the runtime goes on
+    ag.load(good)
+    train(workers, 2, seed=4)
+    ag.step()

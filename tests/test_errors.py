@@ -337,3 +337,28 @@ def test_a_worker_killed_mid_backward_fails_the_step_naming_it(ray_backend):
     assert info.value.worker == "slow"
     torch.testing.assert_close(w.state_dict()["weight"], lin.weight)  # the failed step applied nothing
     correct_step_works(lin, w, mse)
+
+
+class SleepyBackward(ag.Module):
+    def forward(self, x):
+        return x * 2
+
+    def backward(self, inputs, outputs, grad_outputs):
+        time.sleep(8)
+        return [grad_outputs[0] * 2], {}
+
+
+def test_a_deadline_is_raised_within_the_deadline_plus_the_probe_margin(backend):
+    from actorgrad.runtime import PROBE_MARGIN
+
+    lin, w, mse = model()
+    slow = ag.spawn(SleepyBackward(), name="sleepy")
+    mse(slow(w(torch.randn(5, 3))), torch.randn(5, 1)).backward()
+    t0 = time.monotonic()
+    with pytest.raises(E.DeadlineExceeded) as info:
+        ag.step(timeout=1.0)
+    elapsed = time.monotonic() - t0
+    # Probing the busy worker may not extend the deadline by more than the margin (the old code probed
+    # for 2 s more); 1 s of slack for a loaded machine, and well before the 8 s sleep ends.
+    assert elapsed < 1.0 + PROBE_MARGIN + 1.0, elapsed
+    assert "sleepy" in str(info.value)
