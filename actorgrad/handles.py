@@ -20,12 +20,13 @@ class Runtime(Protocol):
     def call(self, worker: str, args: tuple, kwargs: dict) -> Any: ...
     def fetch(self, node: "Node", timeout: Optional[float]) -> torch.Tensor: ...
     def track(self, node: "Node") -> None: ...
-    def backward(self, nodes: list[Any], gradients: Optional[list[Any]]) -> "Pass": ...
+    def backward(self, nodes: list[Any], gradients: Optional[list[Any]], inputs: Any = None) -> "Pass": ...
     def poll(self) -> None: ...
     def wait_pass(self, prec: PassRecord, timeout: Optional[float]) -> None: ...
     def wait_step(self, step: StepRecord, timeout: Optional[float]) -> "StepReport": ...
     def get_state(self, worker: str, what: str, timeout: Optional[float]) -> Any: ...
     def set_state(self, worker: str, what: str, state: Any, timeout: Optional[float]) -> None: ...
+    def set_training(self, workers: list[str], mode: bool, timeout: Optional[float]) -> None: ...
 
 __all__ = ["Worker", "Node", "Pass", "StepHandle", "StepReport", "WorkerReport"]
 
@@ -33,11 +34,28 @@ __all__ = ["Worker", "Node", "Pass", "StepHandle", "StepReport", "WorkerReport"]
 class Worker:
     """A module living in its own worker; call it like the module."""
 
-    def __init__(self, runtime: Runtime, name: str, actor: Any, module_class: str) -> None:
+    def __init__(self, runtime: Runtime, name: str, actor: Any, module_class: str, training: bool = True) -> None:
         self._runtime = runtime
         self.name = name
         self.actor = actor
         self.module_class = module_class
+        self._training = bool(training)  # kept in step by the runtime's set_training
+
+    @property
+    def training(self) -> bool:
+        """Whether the worker's module is in training mode, as ``nn.Module.training``."""
+        return self._training
+
+    def train(self, mode: bool = True) -> "Worker":
+        """Set the module's mode for the calls issued from now on, as ``nn.Module.train``; returns self."""
+        if not isinstance(mode, bool):
+            raise ValueError("training mode is expected to be boolean")  # as nn.Module.train
+        self._runtime.set_training([self.name], mode, None)
+        return self
+
+    def eval(self) -> "Worker":
+        """``train(False)``: BatchNorm uses (and keeps) its running statistics, Dropout is off."""
+        return self.train(False)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Union["Node", tuple["Node", ...]]:
         """One call of the module: returns a Node (a tuple of Nodes for a tuple output) at once."""
@@ -89,9 +107,9 @@ class Node:
     def shape(self) -> Optional[torch.Size]:
         """The activation's shape, once its forward has reported it (else None)."""
         meta = self.call.meta
-        if meta is None or self.out >= len(meta["outputs"]):
+        if meta is None or self.out >= len(meta.outputs):
             return None
-        return torch.Size(meta["outputs"][self.out][0])
+        return torch.Size(meta.outputs[self.out].shape)
 
     def value(self, timeout: Optional[float] = None) -> torch.Tensor:
         """Fetch the activation to the caller (waits for its forward)."""
@@ -108,9 +126,13 @@ class Node:
         self._runtime.track(node)
         return node
 
-    def backward(self, gradient: Optional[torch.Tensor] = None) -> "Pass":
-        """Start one backward pass seeded here; returns at once (scalars are seeded with 1)."""
-        return self._runtime.backward([self], None if gradient is None else [gradient])
+    def backward(self, gradient: Optional[torch.Tensor] = None, *, inputs: Any = None) -> "Pass":
+        """Start one backward pass seeded here; returns at once (scalars are seeded with 1).
+
+        ``inputs``: the Workers whose parameters accumulate this pass's gradient, as ``inputs=`` of
+        ``torch.autograd.backward``; the others only pass gradients on (default: every worker).
+        """
+        return self._runtime.backward([self], None if gradient is None else [gradient], inputs)
 
     def __repr__(self) -> str:
         d = ", detached" if self.detached else ""

@@ -16,6 +16,7 @@ import math
 import queue
 import threading
 import time
+import weakref
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
@@ -26,6 +27,8 @@ from . import recovery
 from .core import codec
 from .core import messages as m
 from .core.caller import CallerCore, Kind, PassRecord, Request, Send, StepRecord
+from .core.leaves import tensors_in
+from .core.optim import steps_every_step
 from .core.graph import CallRecord, Graph
 from .core.worker import WorkerSpec
 from .handles import Node, Pass, StepHandle, StepReport, Worker, WorkerReport
@@ -70,13 +73,35 @@ def _optimizer_name(opt: Any) -> Optional[str]:
 
 WhatFn = Callable[[], tuple[str, list[tuple[str, Optional[int]]]]]
 
+_AUTOCAST_DEVICES = ("cpu", "cuda", "mps", "xpu", "hpu")
+
+
+def _refuse_autocast(worker: str) -> None:
+    """A worker's forward runs elsewhere, outside the caller's torch.autocast: say so rather than ignore it."""
+    for dev in _AUTOCAST_DEVICES:
+        try:
+            on = torch.is_autocast_enabled(dev)
+        except (RuntimeError, TypeError):  # a device type this torch build does not know
+            continue
+        if on:
+            raise E.ConfigError(
+                f"a worker was called inside torch.autocast('{dev}'), but its forward runs in the worker, which "
+                "does not see the caller's autocast (it would silently compute in full precision). Put the "
+                "autocast inside the module's forward (with torch.autocast(...): ...), or call the worker "
+                "outside the autocast block", worker=worker)
+
 
 class Runtime:
     """The caller's side of actorgrad: drives a CallerCore over a Transport."""
 
     def __init__(self, transport: Transport, timeout: float = DEFAULT_TIMEOUT, trace: Optional[str] = None,
-                 check_finite: bool = False, worker_timeout: Optional[float] = None) -> None:
+                 check_finite: bool = False, worker_timeout: Optional[float] = None,
+                 seed: Optional[int] = None) -> None:
         self.transport = transport
+        if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
+            raise E.ConfigError(f"seed must be an integer, got {seed!r}")
+        # Fixed now: workers spawned later draw from generators seeded from this and their names.
+        self.seed = int(seed) if seed is not None else torch.initial_seed()
         self.check_finite = bool(check_finite)
         if worker_timeout is not None and (not isinstance(worker_timeout, (int, float)) or worker_timeout <= 0):
             raise E.ConfigError(f"worker_timeout must be a positive number of seconds, got {worker_timeout!r}")
@@ -93,7 +118,14 @@ class Runtime:
         self.core = CallerCore(now=time.perf_counter())
         self._lock = threading.RLock()
         self._events: "queue.SimpleQueue[tuple[Request, Any]]" = queue.SimpleQueue()
+        # Calls under ag.no_grad(): live Nodes per call, and the calls whose Nodes were collected (queued by
+        # finalizers on any thread; sent as Release from the runtime's thread, under its lock).
+        self._live: dict[int, int] = {}
+        self._gone: "queue.SimpleQueue[CallRecord]" = queue.SimpleQueue()
         self._class_counts: dict[str, int] = {}
+        # Tensors and modules already in a worker, by id, each with a weak reference (an id is reused once
+        # its object is collected) and who owns it: (ref, worker, parameter or module name).
+        self._owned: dict[int, tuple[weakref.ref, str, str]] = {}
         self._group: Optional[tuple[str, list[tuple[WorkerSpec, dict[str, Any]]]]] = None
         self._local = threading.local()
         # The last closed step and its calls, kept past Graph.drop_step for ag.graph().
@@ -152,6 +184,61 @@ class Runtime:
         except Exception as exc:
             reply, err = None, E.WorkerError(f"no reply: {type(exc).__name__}: {exc}", worker=r.worker)
         self._send(self.core.on_reply(r, reply, err))
+        if self.core.leaves_ready:
+            self._deliver_leaves()
+
+    def _deliver_leaves(self) -> None:
+        """Add the caller-leaf gradients of completed passes into the caller's tensors (.grad, as PyTorch)."""
+        ready, self.core.leaves_ready[:] = list(self.core.leaves_ready), []
+        for prec in ready:
+            grads, prec.leaf_grads = prec.leaf_grads, []
+            sums: dict[int, list[Any]] = {}  # id(tensor) -> [tensor, summed gradient]
+            for call, pos, g in grads:
+                rec = self.graph.calls.get(call)
+                t = dict(rec.leaves).get(pos) if rec is not None else None
+                if t is None:
+                    log.warning("pass %d: gradient for argument %d of call %d, which is not a caller leaf here; "
+                                "dropped", prec.id, pos, call)
+                    continue
+                if prec.leaf_inputs is not None and not any(t is x for x in prec.leaf_inputs):
+                    continue  # backward(inputs=...) leaves this tensor out
+                entry = sums.setdefault(id(t), [t, None])
+                entry[1] = g if entry[1] is None else entry[1] + g
+            if not sums:
+                continue
+            tensors = [t for t, _ in sums.values()]
+            total = [g.to(device=t.device, dtype=t.dtype) for t, g in sums.values()]
+            try:
+                # For a leaf this adds into .grad (creating it); a non-leaf passes it on through the caller's graph.
+                torch.autograd.backward(tensors, total, retain_graph=True)
+            except RuntimeError as exc:
+                raise E.ConfigError(f"could not add the gradient of pass {prec.id} into the caller's tensors: {exc}",
+                                    step=prec.step.id) from None
+
+    def _watch(self, node: Node) -> None:
+        """Count a Node of a call under ag.no_grad(); once none is left, the worker may free the call."""
+        cid = node.call.id
+        self._live[cid] = self._live.get(cid, 0) + 1
+        # SimpleQueue.put is safe from a finalizer on any thread (even inside the GC).
+        weakref.finalize(node, self._gone.put, node.call)
+
+    def _flush_released(self) -> None:
+        """Send a Release for each call under ag.no_grad() whose last Node was collected (caller's lock held)."""
+        sends: list[Send] = []
+        while True:
+            try:
+                rec = self._gone.get_nowait()
+            except queue.Empty:
+                break
+            left = self._live.get(rec.id, 0) - 1
+            if left > 0:
+                self._live[rec.id] = left
+                continue
+            self._live.pop(rec.id, None)
+            if not self.closed:
+                sends += self.core.release(rec)
+        if sends:
+            self._send(sends)
 
     def _drain(self) -> None:
         while True:
@@ -164,6 +251,7 @@ class Runtime:
     def poll(self) -> None:
         """Process whatever replies have arrived, without waiting."""
         with self._lock:
+            self._flush_released()
             self._drain()
 
     def _fail_step(self, step: StepRecord, err: E.ActorgradError) -> None:
@@ -298,6 +386,7 @@ class Runtime:
             if not isinstance(max_staleness, int) or isinstance(max_staleness, bool) or max_staleness < 0:
                 raise E.ConfigError(f"max_staleness must be an integer >= 0, got {max_staleness!r}", worker=name)
             params = list(module.parameters())
+            self._check_owned(module, name)
             if opt is not None and not params:
                 raise E.ConfigError("the module has no parameters, so it cannot have an optimizer", worker=name)
             for label, val in (("num_cpus", num_cpus), ("num_gpus", num_gpus)):
@@ -338,7 +427,8 @@ class Runtime:
             spec = WorkerSpec(name=name, module=module, optimizer=opt, update=rule if isinstance(update, str) else update,
                               max_staleness=max_staleness, device=device, num_threads=threads,
                               trace=self.tracer.enabled, check_finite=self.check_finite,
-                              deadline=self.worker_timeout, custom_backward=has_custom_backward(module))
+                              deadline=self.worker_timeout, custom_backward=has_custom_backward(module),
+                              seed=self.seed)
             self.transport.check_feasible(name, {"CPU": num_cpus or 0, "GPU": num_gpus or 0, **(resources or {})})
             deferred = self._group is not None and self.transport.capabilities.placement_groups
             actor = None
@@ -347,15 +437,54 @@ class Runtime:
                 self._group[1].append((spec, options))
             else:
                 actor = self.transport.spawn(spec, options)
-            handle = Worker(self, name, actor, cls)
+            handle = Worker(self, name, actor, cls, training=module.training)
             self.workers[name] = WorkerInfo(
                 name=name, module_class=cls, trainable=any(p.requires_grad for p in params),
                 has_optimizer=opt is not None, custom_rule=not rule.needs_optimizer,
                 custom_backward=has_custom_backward(module),
                 options=options, handle=handle, placed=not deferred, optimizer=opt)
             self.workers_changed += 1
+            self._own(module, name)
             log.info("spawned worker %s (%s) on %s", name, cls, self.backend)
             return handle
+
+    def _owned_by(self, obj: Any) -> Optional[tuple[str, str]]:
+        entry = self._owned.get(id(obj))
+        if entry is None or entry[0]() is not obj:
+            return None
+        return entry[1], entry[2]
+
+    def _check_owned(self, module: torch.nn.Module, name: str) -> None:
+        """Refuse a module, parameter or buffer that another worker already holds (it would be silently untied)."""
+        owner = self._owned_by(module)
+        if owner is not None:
+            raise E.ConfigError(
+                f"this module object was already spawned as worker '{owner[0]}'; each worker gets its own copy, so "
+                f"the two would train apart. To use one module several times, call worker '{owner[0]}' several "
+                "times (weight sharing is one worker called several times); for an independent copy spawn "
+                "copy.deepcopy(module)", worker=name)
+        tensors = [("parameter", n, t) for n, t in module.named_parameters(remove_duplicate=False)]
+        tensors += [("buffer", n, t) for n, t in module.named_buffers(remove_duplicate=False)]
+        for kind, pname, t in tensors:
+            owner = self._owned_by(t)
+            if owner is not None:
+                raise E.ConfigError(
+                    f"{kind} '{pname}' is the same tensor as '{owner[1]}' of worker '{owner[0]}' (tied weights); "
+                    "each worker holds its own copy, so the two would be silently untied and drift apart. Put the "
+                    f"modules that share it into one worker and call that worker several times (e.g. one worker "
+                    "holding both the embedding and the output head)", worker=name)
+
+    def _own(self, module: torch.nn.Module, name: str) -> None:
+        """Record the module, its submodules, parameters and buffers as held by worker ``name``."""
+        for gone in [k for k, (ref, _, _) in self._owned.items() if ref() is None]:
+            del self._owned[gone]
+        # Submodules are not recorded: sharing a stateless one (an activation) is harmless, and a stateful
+        # one is caught by its tensors.
+        objs: list[tuple[str, Any]] = [("", module)]
+        objs += list(module.named_parameters(remove_duplicate=False))
+        objs += list(module.named_buffers(remove_duplicate=False))
+        for label, obj in objs:
+            self._owned.setdefault(id(obj), (weakref.ref(obj), name, label))
 
     PLACEMENT_STRATEGIES = ("pack", "spread", "strict_pack", "strict_spread")
 
@@ -417,19 +546,25 @@ class Runtime:
 
     def track(self, node: Node) -> None:
         """Remember a node so that its value is kept for fetching after its step closes."""
-        rec = self.core.steps.get(node.call.step)
-        if rec is not None:
-            rec.nodes.add(node)
+        with self._lock:
+            rec = self.core.steps.get(node.call.step)
+            if rec is not None:
+                rec.nodes.add(node)
+            if node.call.id in self._live:  # a detached Node of an ag.no_grad() call keeps it too
+                self._watch(node)
 
     def call(self, worker: str, args: tuple, kwargs: dict) -> Any:
         """Issue one call of a worker's module; return its Node(s) at once."""
         with self._lock:
             self._info(worker)
+            _refuse_autocast(worker)
             step = self.core.step_for_call(time.perf_counter())
             recovery.auto_checkpoint(self)
             step = self.core.step
-            grad_on = self.grad_enabled
+            # torch.no_grad() / inference_mode() around a call mean what ag.no_grad() means.
+            grad_on = self.grad_enabled and torch.is_grad_enabled()
             refs: list[m.RefSpec] = []
+            leaf_of: dict[int, torch.Tensor] = {}  # id of the detached copy sent -> the caller's tensor
 
             def convert(x: Any, where: str) -> Any:
                 if isinstance(x, Node):
@@ -437,7 +572,10 @@ class Runtime:
                     refs.append(m.RefSpec(x.call.worker, x.call.id, x.out, grad_on and not x.detached and x.call.saved))
                     return m.Slot(len(refs) - 1)
                 if isinstance(x, torch.Tensor):
-                    return x.detach()
+                    d = x.detach()
+                    if grad_on and x.requires_grad:
+                        leaf_of[id(d)] = x  # a caller leaf: its gradient comes back with the passes
+                    return d
                 if isinstance(x, list):
                     return [convert(v, f"{where}[{i}]") for i, v in enumerate(x)]
                 if isinstance(x, tuple):
@@ -454,7 +592,22 @@ class Runtime:
             except TypeError as exc:
                 raise E.ConfigError(f"cannot send the arguments of this call: {exc}; pass Nodes, tensors, "
                                     "numbers, strings, None, or lists/tuples/dicts of them", worker=worker) from None
-            rec, sends = self.core.call(worker, step, args_t, kwargs_t, refs, grad_on)
+            leaf_pos: list[int] = []
+            leaf_src: list[torch.Tensor] = []
+            if leaf_of:
+                if self.workers[worker].custom_backward:
+                    raise E.ConfigError(
+                        "a tensor with requires_grad=True is passed into a worker with a custom backward, which "
+                        "returns gradients for routed inputs only; pass it .detach(), or make it the output of "
+                        "a worker", worker=worker)
+                for i, t in enumerate(tensors_in((args_t, kwargs_t))):
+                    src = leaf_of.get(id(t))
+                    if src is not None:
+                        leaf_pos.append(i)
+                        leaf_src.append(src)
+            self._flush_released()
+            rec, sends = self.core.call(worker, step, args_t, kwargs_t, refs, grad_on, tuple(leaf_pos),
+                                        tuple(leaf_src))
             self._send(sends)
             if sends and worker not in self.core.arity:
                 # The first call tells how many outputs this module returns.
@@ -464,6 +617,9 @@ class Runtime:
                            lambda: (f"waiting for the first forward of '{worker}'", [(worker, rec.id)]), None)
             single, n = self.core.arity.get(worker, (True, 1))
             nodes = [Node(self, rec, k) for k in range(n)]
+            if not grad_on and sends and step.error is None:
+                for nd in nodes:
+                    self._watch(nd)
             if step.error is None:
                 for nd in nodes:
                     step.nodes.add(nd)
@@ -481,12 +637,17 @@ class Runtime:
 
     # --- backward --------------------------------------------------------------
 
-    def backward(self, nodes: list[Any], gradients: Optional[list[Any]]) -> Pass:
-        """Start one backward pass seeded at ``nodes``; returns once the plan is sent."""
+    def backward(self, nodes: list[Any], gradients: Optional[list[Any]], inputs: Any = None) -> Pass:
+        """Start one backward pass seeded at ``nodes``; returns once the plan is sent.
+
+        ``inputs``: the Workers (and caller tensors) that accumulate this pass's gradient; the other
+        workers only pass gradients on (None: every one accumulates).
+        """
         with self._lock:
             self._check_open()
             if not nodes:
                 raise E.ConfigError("backward needs at least one node")
+            accumulate, leaf_inputs = self._check_inputs(inputs)
             for n in nodes:
                 if not isinstance(n, Node):
                     raise E.ConfigError(f"backward needs Nodes, got {type(n).__name__}")
@@ -533,14 +694,42 @@ class Runtime:
             for cid in self.graph.ancestors(seeds):
                 rec = self.graph.calls[cid]
                 info = self.workers[rec.worker]
+                if accumulate is not None and rec.worker not in accumulate:
+                    continue  # it only passes gradients on in this pass
                 if info.trainable and not info.has_optimizer and not info.custom_rule:
                     raise E.ConfigError(
                         "this worker's parameters would receive gradients but it has no optimizer; pass "
                         "optimizer=ag.Optim(...) to ag.spawn, or set requires_grad=False on its parameters",
                         worker=rec.worker, call=cid, step=step.id)
-            prec, sends = self.core.backward(step, seeds, grads)
+            prec, sends = self.core.backward(step, seeds, grads, accumulate, leaf_inputs)
             self._send(sends)
             return Pass(self, prec)
+
+    def _check_inputs(self, inputs: Any) -> tuple[Optional[set[str]], Optional[list[torch.Tensor]]]:
+        """``backward(inputs=...)`` as (worker names, caller tensors); (None, None) when every one accumulates."""
+        if inputs is None:
+            return None, None
+        items = [inputs] if isinstance(inputs, (Worker, torch.Tensor)) else inputs
+        if not isinstance(items, (list, tuple, set, frozenset)):
+            raise E.ConfigError(f"inputs= must be Workers (or caller tensors), or a list of them, got "
+                                f"{type(inputs).__name__}")
+        if not items:
+            raise E.ConfigError("inputs= is empty: nothing would accumulate the gradient (as in PyTorch, the "
+                                "inputs of backward cannot be empty); leave it out for every worker")
+        names: set[str] = set()
+        tensors: list[torch.Tensor] = []
+        for x in items:
+            if isinstance(x, Worker):
+                if x._runtime is not self or x.name not in self.workers:
+                    raise E.ConfigError("inputs= names a worker of another runtime, or one that is gone (spawned "
+                                        "before the last ag.init()?)", worker=x.name)
+                names.add(x.name)
+            elif isinstance(x, torch.Tensor) and x.requires_grad:
+                tensors.append(x)
+            else:
+                raise E.ConfigError(f"inputs= must hold Workers of this runtime (or caller tensors with "
+                                    f"requires_grad=True), got {type(x).__name__}")
+        return names, tensors
 
     def _check_seed(self, n: Node, g: Any) -> Optional[torch.Tensor]:
         if g is not None and not isinstance(g, torch.Tensor):
@@ -548,7 +737,8 @@ class Runtime:
                                 worker=n.call.worker, call=n.call.id, step=n.call.step)
         if n.call.meta is None:
             return None if g is None else g.detach()
-        shape, dtype, requires_grad = n.call.meta["outputs"][n.out]
+        out = n.call.meta.outputs[n.out]
+        shape, requires_grad = out.shape, out.requires_grad
         info = self.workers[n.call.worker]
         if g is None:
             if math.prod(shape) != 1:
@@ -587,6 +777,7 @@ class Runtime:
         """Close the current step; with ``wait`` return its report once every update has landed."""
         with self._lock:
             self._check_open()
+            self._flush_released()
             self._drain()
             step = self.step
             if step.calls:  # an empty step keeps the previous picture
@@ -599,7 +790,9 @@ class Runtime:
                 if n._value is None:
                     retain.setdefault(n.call.worker, ())
                     retain[n.call.worker] += ((n.call.id, n.out),)
-            step, sends = self.core.close(retain, time.perf_counter())
+            # Workers whose schedule steps with every ag.step() hear of this one even without a call in it.
+            always = [n for n, w in self.workers.items() if w.placed and steps_every_step(w.optimizer)]
+            step, sends = self.core.close(retain, time.perf_counter(), always)
             self._send(sends)
             handle = StepHandle(self, step)
             if not wait:
@@ -709,6 +902,30 @@ class Runtime:
         except TypeError as exc:
             raise E.ConfigError(f"cannot send this state: {exc}", worker=worker) from None
         self._state_request(worker, what, state, True, timeout, f"loading state into '{worker}'")
+
+    def set_training(self, workers: list[str], mode: bool, timeout: Optional[float]) -> None:
+        """Switch these workers' modules to training (True) or evaluation mode, for the calls issued from now on."""
+        mode = bool(mode)
+        with self._lock:
+            infos = [self._info(w) for w in workers]
+            # Every request leaves first: one round trip for all workers. A worker applies the mode to
+            # the calls that reach it after this message (calls are delivered in order).
+            pending = []
+            for info in infos:
+                r, sends = self.core.state(info.name, "training", mode, set_=True)
+                self._send(sends)
+                pending.append((info, r))
+            self._pump(lambda: all(r.done for _, r in pending), self._deadline(timeout), None,
+                       lambda: ("switching the training mode",
+                                [(i.name, None) for i, r in pending if not r.done]), timeout)
+            for info, r in pending:
+                if r.error is None:
+                    info.handle._training = mode
+            for info, r in pending:
+                if r.error is not None:
+                    if isinstance(r.error, E.WorkerDied):
+                        recovery.maybe_recover(self, r.error)
+                    raise r.error
 
     # --- epochs, recovery ---------------------------------------------------------
 

@@ -348,8 +348,8 @@ def snapshot(step: Any, calls: Iterable[Any], workers: Mapping[str, Any], *, clo
     for rec in sorted(calls, key=lambda r: r.id):
         meta = rec.meta
         shapes = None
-        if isinstance(meta, dict) and isinstance(meta.get("outputs"), (list, tuple)):
-            shapes = tuple(tuple(int(d) for d in out[0]) for out in meta["outputs"])
+        if meta is not None:
+            shapes = tuple(tuple(out.shape) for out in meta.outputs)
         views.append(CallView(rec.id, rec.worker, tuple((int(p), int(o), bool(g)) for p, o, g in rec.refs),
                               bool(rec.saved), shapes))
     order: dict[str, None] = {}

@@ -59,6 +59,10 @@ class Kind(enum.Enum):
         return self in (Kind.FORWARD, Kind.PLAN, Kind.CLOSE, Kind.UPDATE)
 
 
+# The reply each kind of request expects (besides Failure); the others are answered with an Ack.
+_REPLY: dict[Kind, type] = {Kind.FORWARD: m.ForwardDone, Kind.CLOSE: m.CloseReady, Kind.UPDATE: m.UpdateReport}
+
+
 @dataclass(eq=False)
 class PassRecord:
     """A pass as the caller tracks it."""
@@ -69,6 +73,11 @@ class PassRecord:
     pending: set[str] = field(default_factory=set)
     error: Optional[E.ActorgradError] = None
     seeds: list[tuple[int, int]] = field(default_factory=list)  # (call, output) per seed
+    # Workers whose Plan reply carries gradients of caller leaves: they stay pending until it comes,
+    # even after their CloseReady (Ray does not order replies).
+    leaves: set[str] = field(default_factory=set)
+    leaf_grads: list[tuple[int, int, Any]] = field(default_factory=list)  # (call, leaf position, gradient)
+    leaf_inputs: Optional[list[Any]] = None  # backward(inputs=...): the caller tensors that may accumulate
 
 
 @dataclass(eq=False)
@@ -90,15 +99,18 @@ class StepRecord:
     landing: set[str] = field(default_factory=set)  # workers that report their update after Commit
     report: Any = None  # the driver's StepReport, once built
     seeded: dict[tuple[int, int], int] = field(default_factory=dict)  # (call, output) -> pass that seeded it
+    # Workers closed with the step although it gave them no call or plan (a schedule stepped every step).
+    bystanders: set[str] = field(default_factory=set)
 
     def participants(self) -> set[str]:
-        """Workers that got a call or a plan of this step: the ones to close, commit or abort."""
-        return set(self.calls) | set(self.pass_workers)
+        """Workers that got a call, a plan or a close of this step: the ones to close, commit or abort."""
+        return set(self.calls) | set(self.pass_workers) | self.bystanders
 
     @property
     def closed(self) -> bool:
-        """Every participant answered the close (and, after Commit, reported its update)."""
-        return self.closing and not self.close_pending
+        """Every participant answered the close (and, after Commit, reported its update), and every
+        caller leaf's gradient has come."""
+        return self.closing and not self.close_pending and not any(p.leaves for p in self.passes.values())
 
 
 @dataclass(eq=False)
@@ -138,6 +150,7 @@ class CallerCore:
         self.arity: dict[str, tuple[bool, int]] = {}  # worker -> (returns one tensor, number of outputs)
         self._ids = itertools.count(1)
         self._seq: dict[str, int] = {}
+        self.leaves_ready: list[PassRecord] = []  # completed passes whose caller-leaf gradients the driver adds
         self.step = self.open_step(1, now)
 
     # --- plumbing -----------------------------------------------------------------
@@ -183,25 +196,34 @@ class CallerCore:
         return self.step
 
     def call(self, worker: str, step: StepRecord, args: Any, kwargs: Any, refs: list[m.RefSpec],
-             grad_on: bool) -> tuple[CallRecord, list[Send]]:
-        """One call of ``worker`` in ``step``: its Forward, and a Route to each producer of an input."""
+             grad_on: bool, leaves: tuple[int, ...] = (), leaf_tensors: tuple = ()) -> tuple[CallRecord, list[Send]]:
+        """One call of ``worker`` in ``step``: its Forward, and a Route to each producer of an input.
+
+        ``leaves``: positions of caller leaves among the argument tensors; ``leaf_tensors``: the caller's
+        tensors there (their .grad receives what the passes return).
+        """
         cid, req = self.next_id(), self.next_id()
         keys = [(r.call, r.out, r.grad) for r in refs]
-        rec = CallRecord(cid, worker, step.id, req, keys, grad_on)
+        rec = CallRecord(cid, worker, step.id, req, keys, grad_on, leaves=tuple(zip(leaves, leaf_tensors)))
         self.graph.add(rec)
         if step.error is not None:
             return rec, []  # the step already failed (its error is not raised yet): nothing is sent for it
         step.calls.setdefault(worker, []).append(cid)
-        sends = [self._request(worker, m.Forward(req, cid, step.id, args, kwargs, tuple(refs), grad_on),
+        sends = [self._request(worker, m.Forward(req, cid, step.id, args, kwargs, tuple(refs), grad_on, tuple(leaves)),
                                Kind.FORWARD, step, rec)]
         sends += [self.post(r.worker, m.Route(r.call, r.out, worker, cid, slot)) for slot, r in enumerate(refs)]
         return rec, sends
 
-    def backward(self, step: StepRecord, seeds: list[tuple[int, int]],
-                 grads: list[Any]) -> tuple[PassRecord, list[Send]]:
-        """One pass seeded at ``seeds`` (call, output) with ``grads``: a Plan to each worker it reaches."""
+    def backward(self, step: StepRecord, seeds: list[tuple[int, int]], grads: list[Any],
+                 accumulate: Optional[set[str]] = None,
+                 leaf_inputs: Optional[list[Any]] = None) -> tuple[PassRecord, list[Send]]:
+        """One pass seeded at ``seeds`` (call, output) with ``grads``: a Plan to each worker it reaches.
+
+        ``accumulate``: the workers whose parameters take this pass's gradient (None: every one);
+        ``leaf_inputs``: the caller leaves that do (None: every one).
+        """
         plan = self.graph.plan(seeds)
-        prec = PassRecord(self.next_id(), step, seeds=list(seeds))
+        prec = PassRecord(self.next_id(), step, seeds=list(seeds), leaf_inputs=leaf_inputs)
         step.passes[prec.id] = prec
         for seed in seeds:
             step.seeded[seed] = prec.id
@@ -211,17 +233,25 @@ class CallerCore:
                          if self.graph.calls[c].worker == worker)
             prec.workers.add(worker)
             prec.pending.add(worker)
+            if any(self.graph.calls[e.call].leaves for e in expects):
+                prec.leaves.add(worker)
             step.pass_workers.setdefault(worker, []).append(prec.id)
-            sends.append(self._request(worker, m.Plan(self.next_id(), prec.id, step.id, tuple(expects), here),
+            take = accumulate is None or worker in accumulate
+            sends.append(self._request(worker, m.Plan(self.next_id(), prec.id, step.id, tuple(expects), here, take),
                                        Kind.PLAN, step, prec))
         return prec, sends
 
-    def close(self, retain: dict[str, tuple[tuple[int, int], ...]], now: float) -> tuple[StepRecord, list[Send]]:
+    def close(self, retain: dict[str, tuple[tuple[int, int], ...]], now: float,
+              always: Iterable[str] = ()) -> tuple[StepRecord, list[Send]]:
         """Close the current step (a Close to each participant) and open the next one.
 
         ``retain``: per worker, the outputs (call, out) the user may still fetch after the close.
+        ``always``: workers to close with every step, even one that gave them nothing (their LR
+        schedule steps with every ag.step()).
         """
         step = self.step
+        if step.error is None:
+            step.bystanders = set(always) - step.participants()
         sends = []
         for w in sorted(step.participants()):
             msg = m.Close(self.next_id(), step.id, tuple(step.calls.get(w, [])), tuple(step.pass_workers.get(w, [])),
@@ -246,6 +276,22 @@ class CallerCore:
             self.closing.remove(step)
         self.graph.drop_step(step.id)
 
+    def release(self, rec: CallRecord) -> list[Send]:
+        """No Node of ``rec`` (a call under ag.no_grad()) is left: let its worker free it before the step closes.
+
+        Only while its step is open: a closing step frees it anyway, and the Close must not name a
+        call the worker has already dropped. Routes of the call went out before (on the same channel),
+        because a Node passed to another call lived until that call's Route was sent.
+        """
+        step = self.steps.get(rec.step)
+        if rec.saved or step is None or step is not self.step or step.closing or step.error is not None:
+            return []
+        calls = step.calls.get(rec.worker)
+        if calls is None or rec.id not in calls:
+            return []
+        calls.remove(rec.id)
+        return [self.post(rec.worker, m.Release(rec.step, rec.id))]
+
     def fetch(self, call: CallRecord, out: int) -> tuple[Request, list[Send]]:
         """Ask for the value of output ``out`` of ``call``."""
         send = self._request(call.worker, m.Fetch(self.next_id(), call.id, out), Kind.FETCH, None)
@@ -268,15 +314,17 @@ class CallerCore:
         self.requests.pop(r.req, None)
         r.done = True
         sends: list[Send] = []
+        expected = _REPLY.get(r.kind, m.Ack)
         if error is not None:
             r.error = error
-        elif isinstance(reply, m.Ack):
-            r.data = reply.data
-            sends = self._on_ack(r)
         elif isinstance(reply, m.Failure):
             r.error = E.from_info(reply.error)
+        elif type(reply) is expected:
+            r.data = reply.data if isinstance(reply, m.Ack) else reply
+            sends = self._on_ack(r)
         else:
-            r.error = E.DecodeError(f"a reply must be Ack or Failure, got {type(reply).__name__}", worker=r.worker)
+            r.error = E.DecodeError(f"the reply to a {r.kind.value} request must be {expected.__name__} or "
+                                    f"Failure, got {type(reply).__name__}", worker=r.worker)
         if r.error is not None:
             sends += self._on_failure(r)
         return sends
@@ -285,7 +333,13 @@ class CallerCore:
         if r.kind is Kind.FORWARD:
             return self._forward_done(r)
         if r.kind is Kind.PLAN:
-            r.obj.pending.discard(r.worker)
+            prec: PassRecord = r.obj
+            if prec.error is None and r.worker in prec.leaves:
+                data = r.data if isinstance(r.data, dict) else {}
+                prec.leaf_grads.extend((int(c), int(k), g) for c, k, g in data.get("leaves", ()))
+            prec.leaves.discard(r.worker)
+            prec.pending.discard(r.worker)
+            self._pass_progress(prec)
         elif r.kind is Kind.CLOSE:
             return self._close_ready(r)
         elif r.kind is Kind.UPDATE:
@@ -294,8 +348,9 @@ class CallerCore:
 
     def _forward_done(self, r: Request) -> list[Send]:
         rec: CallRecord = r.obj
-        rec.meta = r.data
-        arity = (bool(r.data["single"]), len(r.data["outputs"]))
+        done: m.ForwardDone = r.data
+        rec.meta = done
+        arity = (done.single, len(done.outputs))
         known = self.arity.setdefault(r.worker, arity)
         if known != arity and r.step is not None:
             return self.fail_step(r.step, E.ConfigError(
@@ -306,16 +361,19 @@ class CallerCore:
 
     def _close_ready(self, r: Request) -> list[Send]:
         step: StepRecord = r.obj
-        step.reports[r.worker] = dict(r.data)
-        if r.data.get("final") is False:
+        ready: m.CloseReady = r.data
+        step.reports[r.worker] = {"calls": ready.calls, "passes": ready.passes, "applied": ready.applied,
+                                  "version": ready.version, **ready.metrics}
+        if not ready.final:
             step.landing.add(r.worker)
         step.close_pending.discard(r.worker)
         # A worker closes a step only after finishing all of its passes; its pass replies may
         # still be on their way (Ray does not order replies).
         for pid in step.pass_workers.get(r.worker, []):
             prec = step.passes.get(pid)
-            if prec is not None:
+            if prec is not None and r.worker not in prec.leaves:  # caller-leaf gradients come with the Plan reply
                 prec.pending.discard(r.worker)
+                self._pass_progress(prec)
         if step.close_pending or step.error is not None or step.committed:
             return []
         # Every worker is ready: now, and only now, they apply the step's updates.
@@ -329,12 +387,18 @@ class CallerCore:
                 sends.append(self._request(w, m.GetState(self.next_id(), "update"), Kind.UPDATE, step, step))
         return sends
 
+    def _pass_progress(self, prec: PassRecord) -> None:
+        """A pass that completed without error hands its caller-leaf gradients to the driver."""
+        if not prec.pending and prec.error is None and prec.leaf_grads:
+            self.leaves_ready.append(prec)
+
     def _update_report(self, r: Request) -> None:
         step: StepRecord = r.obj
+        update: m.UpdateReport = r.data
         old = step.reports.get(r.worker)
-        if old is not None and r.data.get("step") == step.id:
+        if old is not None and update.step == step.id:
             # The update's metrics; the counts of calls and passes stay those of the close.
-            step.reports[r.worker] = {**old, **{k: v for k, v in r.data.items() if k not in ("calls", "passes")}}
+            step.reports[r.worker] = {**old, **update.metrics, "applied": update.applied, "version": update.version}
         step.close_pending.discard(r.worker)
 
     def _on_failure(self, r: Request) -> list[Send]:
@@ -390,6 +454,7 @@ class CallerCore:
                                           step=old.id)
             old.delivered = True
         self.closing.clear()
+        self.leaves_ready.clear()
         self.steps = {}
         self.open_step(first_step, now)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-from .messages import SEED, Expect
+from .messages import SEED, Expect, ForwardDone
 
 
 @dataclass
@@ -18,7 +18,10 @@ class CallRecord:
     req: int
     refs: list[tuple[int, int, bool]]  # per input slot: (producer call, output, carries gradient)
     saved: bool  # False under ag.no_grad()
-    meta: Optional[dict] = None  # from the worker's reply: {"single", "outputs": [[shape, dtype, requires_grad]]}
+    meta: Optional[ForwardDone] = None  # the worker's reply to its Forward: its outputs' shapes and dtypes
+    # Caller leaves: (position, tensor) per caller tensor with requires_grad among the arguments, as
+    # the Forward lists them; the gradients the worker returns for them are added into their .grad.
+    leaves: tuple = ()
 
 
 class Graph:

@@ -51,6 +51,9 @@ class Forward:
     kwargs: Any
     refs: tuple[RefSpec, ...]
     save: bool  # False under ag.no_grad(): keep nothing for backward
+    # Caller leaves: positions (in core.leaves.tensors_in order) of the argument tensors whose
+    # gradient goes back to the caller in the Ack of each Plan that reaches this call.
+    leaves: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,6 +106,9 @@ class Plan:
     step: int
     expect: tuple[Expect, ...]
     seeds: tuple[SeedGrad, ...]
+    # False: a partial backward (``inputs=``) that leaves this worker out: its parameters accumulate
+    # nothing from the pass; it only sends input gradients on.
+    accumulate: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,6 +156,14 @@ class Abort:
 
 
 @dataclass(frozen=True, slots=True)
+class Release:
+    """Caller -> worker: no Node of this call (run under ag.no_grad()) is left; free its outputs now."""
+
+    step: int
+    call: int
+
+
+@dataclass(frozen=True, slots=True)
 class Fetch:
     """Caller -> worker: send back output ``out`` of ``call`` once it is computed."""
 
@@ -189,6 +203,54 @@ class Ack:
 
 
 @dataclass(frozen=True, slots=True)
+class OutputMeta:
+    """What the caller learns of one output of a call: enough to check seeds and shapes without fetching it."""
+
+    shape: tuple[int, ...]
+    dtype: str
+    requires_grad: bool
+
+
+@dataclass(frozen=True, slots=True)
+class ForwardDone:
+    """Worker -> caller: the reply to a Forward; the call ran and these are its outputs."""
+
+    req: int
+    single: bool  # the module returned one tensor (not a tuple)
+    outputs: tuple[OutputMeta, ...]
+    version: int  # the weight version the forward used (negative: a max_staleness snapshot)
+
+
+@dataclass(frozen=True, slots=True)
+class CloseReady:
+    """Worker -> caller: the reply to a Close; everything of the step is done here, ready to Commit.
+
+    ``final`` False: the update that Commit applies must be reported after it (its norm is known
+    only then): the caller asks with GetState("update") and gets an UpdateReport.
+    """
+
+    req: int
+    step: int
+    calls: int
+    passes: int
+    applied: bool  # an update of this step was, or will be at Commit, applied
+    version: int  # the weight version after this step's Commit
+    final: bool
+    metrics: dict  # the update's metrics: updates, grad_norm, clipped, staleness, lr, update_norm
+
+
+@dataclass(frozen=True, slots=True)
+class UpdateReport:
+    """Worker -> caller: the reply to GetState("update"): what the last committed step's update did."""
+
+    req: int
+    step: Optional[int]  # None: no step has committed here yet
+    applied: bool
+    version: int
+    metrics: dict
+
+
+@dataclass(frozen=True, slots=True)
 class Failure:
     """Worker -> caller: a request failed; ``error`` is an errors.to_info record."""
 
@@ -197,6 +259,8 @@ class Failure:
 
 
 Message = Union[
-    Forward, Route, Value, Plan, Gradient, Close, Commit, Abort, Fetch, GetState, SetState, Ack, Failure
+    Forward, Route, Value, Plan, Gradient, Close, Commit, Abort, Fetch, GetState, SetState, Ack, Failure,
+    ForwardDone, CloseReady, UpdateReport,
 ]
+Reply = Union[Ack, Failure, ForwardDone, CloseReady, UpdateReport]
 Request = Union[Forward, Plan, Close, Fetch, GetState, SetState]

@@ -193,9 +193,21 @@ class Updater:
                 else:
                     for d, b in zip(rec.delta, before):
                         d.add_(b)
-        if self.scheduler is not None:
+        if self.scheduler is not None and self.schedule_every == "update":
             self.scheduler.step()
         return True
+
+    @property
+    def schedule_every(self) -> str:
+        """When the LR scheduler steps: "update" (after each optimizer step) or "step" (after each commit)."""
+        schedule = self.options.schedule
+        return getattr(schedule, "every", "update") if schedule is not None else "update"
+
+    def step_committed(self) -> None:
+        """A step committed here: a schedule with ``every="step"`` steps now, updated or not (as a plain
+        PyTorch loop steps every scheduler every iteration)."""
+        if self.scheduler is not None and self.schedule_every == "step":
+            self.scheduler.step()
 
     def report(self, step: int, pending: Optional[Grads] = None, passes: Optional[list[int]] = None,
                take: bool = False) -> dict[str, Any]:
@@ -249,12 +261,13 @@ class Updater:
         for k in [k for k in self.records if k < keep]:
             del self.records[k]
 
-    def take_closed(self) -> dict[str, Any]:
-        """The report of the step committed last (its actual updates), freeing its record."""
+    def take_closed(self) -> tuple[Optional[int], bool, int, dict[str, Any]]:
+        """The report of the step committed last (its actual updates), freeing its record:
+        (step or None, whether it applied an update, the version now, the metrics)."""
         if self.last_closed is None:
-            return {"step": None}
+            return None, False, self.version, {}
         out = self.report(self.last_closed, take=True)
-        return {"step": self.last_closed, "applied": out["updates"] > 0, "version": self.version, **out}
+        return self.last_closed, out["updates"] > 0, self.version, out
 
 
 @dataclass

@@ -66,26 +66,25 @@ class Updates:
             self.pending.add(step, pass_id, grads)
         return self._on_pass and self.rule.on_pass(self._context(step, "pass", pass_id, grads))
 
-    def ready_report(self, step: int) -> dict[str, Any]:
-        """What the commit of ``step`` will apply, for the answer to its Close."""
+    def ready_report(self, step: int) -> tuple[bool, int, bool, dict[str, Any]]:
+        """What the commit of ``step`` will apply, for the answer to its Close: (an update is pending,
+        the version after the commit, whether these metrics are final, the metrics)."""
         pending = self.pending.by_step.get(step) or {}
         # An update that lands at Commit is reported as it will be; only its norm needs it applied:
         # with track_update_norm the caller then asks for GetState("update") (not final).
         final = not (self.updater.options.track_update_norm and (pending or self.rule.decides_at_commit))
-        return {
-            "pending": bool(pending),
-            "version": self.updater.version + (1 if pending else 0),
-            **self.updater.report(step, pending, self.pending.passes.get(step), take=final),
-            "final": final,
-        }
+        metrics = self.updater.report(step, pending, self.pending.passes.get(step), take=final)
+        return bool(pending), self.updater.version + (1 if pending else 0), final, metrics
 
     def commit(self, step: int) -> bool:
         """Let the rule apply what it holds for ``step``; free the step's pending gradients either way."""
         try:
-            return self._on_close and self.rule.on_close(self._context(step, "close", None, {}))
+            applied = self._on_close and self.rule.on_close(self._context(step, "close", None, {}))
         finally:
             self.pending.pop(step)
             self.updater.closed(step)
+        self.updater.step_committed()
+        return applied
 
     def take_commit_error(self) -> Optional[E.ActorgradError]:
         """The error of the last failed commit (once), to fail the next step with."""

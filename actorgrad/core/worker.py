@@ -45,9 +45,11 @@ from .. import errors as E
 from . import messages as m
 from .calls import CALL_DONE, CALL_FAILED, CALL_WAITING, CallState, CallTable
 from .diagnose import Diagnosis, describe_missing, fmt_edges
+from .leaves import mark_leaves
 from .ledger import Arrival
 from .optim import OptimizerSpec
 from .passes import PASS_COMPLETE, PASS_FAILED, Arrived, PassState, PassTable, sum_arrived
+from .rng import WorkerRng
 from .rules import Rule, add_grads
 from .steps import ABORTED, CLOSED, CLOSING, COMMITTING, OPEN, READY, Phase, StepState, StepTable
 from .trace import MESSAGE_TID, Tracer, now_us
@@ -75,6 +77,7 @@ class WorkerSpec:
     check_finite: bool = False  # fail with NonFiniteError where NaN/Inf first appears
     deadline: Optional[float] = None  # seconds a step may hold state here without progress
     custom_backward: bool = False  # the module overrides ag.Module.backward: call it for each VJP
+    seed: Optional[int] = None  # the runtime's seed: this worker's generator is seeded from it and the name
 
 
 class WorkerCore:
@@ -84,6 +87,9 @@ class WorkerCore:
         self.name = spec.name
         self.device = torch.device(spec.device) if spec.device else torch.device("cpu")
         self.module = spec.module.to(self.device)
+        # The mode (train/eval) that calls arriving from now on run in: worker.train()/eval() set it.
+        self.training = bool(self.module.training)
+        self.rng = WorkerRng(spec.seed, self.name, self.device)
         self.max_staleness = int(spec.max_staleness)
         self.custom_backward = bool(spec.custom_backward)
         self.check_finite = bool(spec.check_finite)
@@ -160,6 +166,8 @@ class WorkerCore:
                     self._on_abort(msg)
             case m.Fetch():
                 self._on_fetch(msg)
+            case m.Release():
+                self._on_release(msg)
             case m.GetState():
                 self._on_get_state(msg)
             case m.SetState():
@@ -206,7 +214,7 @@ class WorkerCore:
         if msg.call in self.calls:
             log.warning("%s: duplicate forward for call %d ignored", self.name, msg.call)
             return
-        self.call_table.add(msg, now_us() if self.tracer.enabled else 0.0)
+        self.call_table.add(msg, now_us() if self.tracer.enabled else 0.0).training = self.training
         self.step_table.open(msg.step).calls.append(msg.call)
 
     def _run_forward(self, c: CallState) -> None:
@@ -215,10 +223,22 @@ class WorkerCore:
         leaves = make_leaves(values, [r.grad and msg.save for r in msg.refs])
         params = self.weights.for_forward(c)
         t0 = now_us() if self.tracer.enabled else 0.0
+        args, kwargs, caller = msg.args, msg.kwargs, []
+        if msg.leaves and msg.save:
+            try:
+                (args, kwargs), caller = mark_leaves((args, kwargs), msg.leaves)
+            except (IndexError, TypeError) as exc:
+                self.weights.release(c)
+                self._fail_call(c, self.diagnosis.error(E.DecodeError, f"Forward.leaves: {exc}", c.id, c.step))
+                return
         try:
-            args = _to_device(msg.args, self.device)
-            kwargs = _to_device(msg.kwargs, self.device)
-            outputs, single, saved = run_forward(self.module, args, kwargs, leaves, params, msg.save)
+            args = _to_device(args, self.device)
+            kwargs = _to_device(kwargs, self.device)
+            # Caller leaves go after the routed inputs: their gradients are the VJP's extra input gradients.
+            if self.module.training != c.training:
+                self.module.train(c.training)
+            with self.rng:
+                outputs, single, saved = run_forward(self.module, args, kwargs, leaves + caller, params, msg.save)
         except Exception as exc:  # the user's module raised
             self.weights.release(c)
             self._fail_call(c, self.diagnosis.forward_raised(c, exc, values))
@@ -237,17 +257,19 @@ class WorkerCore:
         c.status = CALL_DONE
         c.outputs = [o.detach() for o in outputs]
         c.saved = saved
-        self._ack(msg.req, {
-            "single": single,
-            "outputs": [[list(o.shape), str(o.dtype).removeprefix("torch."), bool(o.requires_grad)] for o in outputs],
-            "version": self.weights.forward_version(c),
-        })
+        self._out.append((None, m.ForwardDone(
+            msg.req, single,
+            tuple(m.OutputMeta(tuple(o.shape), str(o.dtype).removeprefix("torch."), bool(o.requires_grad))
+                  for o in outputs),
+            self.weights.forward_version(c))))
         for route in c.routes:
             self._route(c, route)
         c.routes.clear()
         for req, out in c.fetches:
             self._answer_fetch(c, req, out)
         c.fetches.clear()
+        if c.released:
+            self._free_call(c)
 
     def _fail_call(self, c: CallState, err: E.ActorgradError) -> None:
         c.status = CALL_FAILED
@@ -257,6 +279,27 @@ class WorkerCore:
             self._out.append((None, m.Failure(req, c.error)))
         c.fetches.clear()
         c.routes.clear()
+
+    def _on_release(self, msg: m.Release) -> None:
+        c = self.calls.get(msg.call)
+        st = self.steps.get(msg.step)
+        # Only a call that saved nothing, of a step still open: a closing step frees it anyway.
+        if c is None or c.step != msg.step or c.msg.save or st is None or st.phase is not OPEN:
+            return
+        if c.status is CALL_WAITING:
+            c.released = True  # its routes and fetches are answered when it runs; then it goes
+        elif c.status is CALL_DONE:
+            self._free_call(c)
+
+    def _free_call(self, c: CallState) -> None:
+        """Drop a released call (ag.no_grad(), no Node left in the caller) before its step closes."""
+        st = self.steps.get(c.step)
+        if st is None or st.phase is not OPEN:
+            return
+        if c.id in st.calls:
+            st.calls.remove(c.id)
+        for gone in self.call_table.drop([c.id]):
+            self.weights.release(gone)
 
     def _on_route(self, msg: m.Route) -> None:
         c = self.calls.get(msg.call)
@@ -346,7 +389,8 @@ class WorkerCore:
         t0 = now_us() if self.tracer.enabled else 0.0
         try:
             grad_outputs = sum_arrived(ps, c, self.custom_backward, self.diagnosis.error)
-            input_grads, param_grads = self._vjp(c, grad_outputs)
+            with self.rng:
+                input_grads, param_grads = self._vjp(c, grad_outputs, ps.accumulate)
             if self.tracer.enabled:
                 ready = max(ps.created_us, c.done_us)
                 if t0 - ready > 50:
@@ -370,6 +414,11 @@ class WorkerCore:
                 "optimizer=ag.Optim(...) to ag.spawn, or set requires_grad=False on them", call, ps.step))
             return
         add_grads(ps.param_grads, param_grads, ps.owned)
+        # Input gradients past the routed inputs belong to caller leaves: they go back with the Plan's reply.
+        for k, pos in enumerate(c.msg.leaves if c.saved is not None and not self.custom_backward else ()):
+            g = input_grads[len(c.msg.refs) + k]
+            if g is not None:
+                ps.leaf_grads.append([call, pos, g.detach()])
         for slot, ref in enumerate(c.msg.refs):
             if ref.grad:
                 g = input_grads[slot]
@@ -379,20 +428,24 @@ class WorkerCore:
         if ps.all_done():
             self._complete_pass(ps)
 
-    def _vjp(self, c: CallState, grad_outputs: list[Optional[torch.Tensor]]) -> tuple[list, dict[str, torch.Tensor]]:
+    def _vjp(self, c: CallState, grad_outputs: list[Optional[torch.Tensor]],
+             accumulate: bool = True) -> tuple[list, dict[str, torch.Tensor]]:
+        """Input and parameter gradients of one call; ``accumulate`` False: input gradients only
+        (a partial backward that leaves this worker's parameters out)."""
         saved = c.saved
         if saved is None:
             raise self.diagnosis.error(E.ConfigError, "this call ran under ag.no_grad(); it has nothing saved for "
                                        "backward", c.id, c.step)
         if not self.custom_backward:
-            return default_vjp(saved.inputs, saved.outputs, grad_outputs, saved.params)
+            return default_vjp(saved.inputs, saved.outputs, grad_outputs, saved.params if accumulate else {})
         # ag.Module.call_parameters() reads the weights this call's forward used from here.
         object.__setattr__(self.module, "_actorgrad_params", saved.params)
         try:
             result = self.module.backward(tuple(saved.inputs), tuple(saved.outputs), tuple(grad_outputs))
         finally:
             self.module.__dict__.pop("_actorgrad_params", None)
-        return self.diagnosis.check_custom(c, saved, result)
+        input_grads, param_grads = self.diagnosis.check_custom(c, saved, result)
+        return input_grads, (param_grads if accumulate else {})
 
     def _complete_pass(self, ps: PassState) -> None:
         try:
@@ -412,7 +465,11 @@ class WorkerCore:
             self.step_table.open(ps.step).applied = True
         ps.arrived.clear()
         ps.param_grads = {}
-        self._ack(ps.req, {"worker": self.name, "calls": len(ps.done_calls), "applied": applied})
+        reply = {"worker": self.name, "calls": len(ps.done_calls), "applied": applied}
+        if ps.leaf_grads:
+            reply["leaves"] = ps.leaf_grads
+            ps.leaf_grads = []
+        self._ack(ps.req, reply)
 
     def _fail_pass(self, ps: PassState, err: E.ActorgradError) -> None:
         if ps.status is PASS_FAILED:
@@ -518,11 +575,10 @@ class WorkerCore:
             self._fail(msg.req, failed)
             self._drop_step(step, ABORTED)
             return
-        report = self.updates.ready_report(step)
-        pending = report.pop("pending")
+        pending, version, final, metrics = self.updates.ready_report(step)
         st.to(READY)
-        self._ack(msg.req, {"worker": self.name, "calls": len(st.calls), "passes": len(st.passes),
-                            "applied": bool(st.applied or pending), **report})
+        self._out.append((None, m.CloseReady(msg.req, step, len(st.calls), len(st.passes),
+                                             bool(st.applied or pending), version, final, metrics)))
 
     def _commit(self, st: StepState) -> None:
         msg = st.close
@@ -681,14 +737,15 @@ class WorkerCore:
             self._ack(msg.req, self.tracer.take())
             return
         if msg.what == "update":
-            self._ack(msg.req, self.updates.updater.take_closed())
+            step, applied, version, metrics = self.updates.updater.take_closed()
+            self._out.append((None, m.UpdateReport(msg.req, step, applied, version, metrics)))
             return
         sd = {k: v.detach().cpu() for k, v in self.module.state_dict().items()}
         if msg.what == "module":
             self._ack(msg.req, sd)
             return
         try:
-            data = {"module": sd, **self.updates.state(), **self.weights.state()}
+            data = {"module": sd, **self.updates.state(), **self.weights.state(), "rng": self.rng.state()}
         except E.ActorgradError as err:
             self._fail(msg.req, err)
             return
@@ -700,12 +757,18 @@ class WorkerCore:
             self.tracer.enabled = bool(state)
             self._ack(msg.req, None)
             return
+        if msg.what == "training":
+            # Calls that arrived before keep their mode: it is applied when each forward runs.
+            self.training = bool(state)
+            self._ack(msg.req, None)
+            return
         try:
             if msg.what == "module":
                 self.module.load_state_dict(state)
             else:
                 self.module.load_state_dict(state["module"])
                 self.updates.load(state)
+                self.rng.load(state.get("rng"))
         except Exception as exc:
             cls = E.ShapeError if "size mismatch" in str(exc) else E.ConfigError
             self._fail(msg.req, self.diagnosis.error(cls, f"could not load state: {exc}", exc=exc))

@@ -13,12 +13,12 @@ def ack(send: Send, data):
     return send.request, m.Ack(send.msg.req, data)
 
 
-def fwd_meta(shape=(4, 2)):
-    return {"single": True, "outputs": [[list(shape), "float32", True]], "version": 0}
+def done(send: Send, shape=(4, 2), single=True, n=1):
+    return send.request, m.ForwardDone(send.msg.req, single, (m.OutputMeta(shape, "float32", True),) * n, 0)
 
 
-def close_report(final=True, applied=True):
-    return {"calls": 1, "passes": 1, "applied": applied, "version": 1, "updates": 1, "final": final}
+def ready(send: Send, final=True, applied=True):
+    return send.request, m.CloseReady(send.msg.req, send.msg.step, 1, 1, applied, 1, final, {"updates": 1})
 
 
 def two_calls(core: CallerCore):
@@ -47,26 +47,27 @@ def test_replies_out_of_order_and_the_close_ready_commit_sequence():
     assert sorted(s.worker for s in plans) == ["enc", "head"] and prec.pending == {"enc", "head"}
     # Replies come in any order: head's forward after enc's plan.
     assert core.on_reply(*ack(plans[0] if plans[0].worker == "enc" else plans[1], True)) == []
-    assert core.on_reply(*ack(s2[0], fwd_meta())) == []
-    assert core.on_reply(*ack(s1[0], fwd_meta((4, 8)))) == []
-    assert head.meta["outputs"][0][0] == [4, 2] and core.arity == {"enc": (True, 1), "head": (True, 1)}
+    assert core.on_reply(*done(s2[0])) == []
+    assert core.on_reply(*done(s1[0], (4, 8))) == []
+    assert head.meta.outputs[0].shape == (4, 2) and core.arity == {"enc": (True, 1), "head": (True, 1)}
     closed, closes = core.close({"head": ((head.id, 0),)}, now=1.0)
     assert closed is step and core.step.id == 2 and step.closing
     assert [(s.worker, type(s.msg).__name__) for s in closes] == [("enc", "Close"), ("head", "Close")]
     assert closes[1].msg.retain == ((head.id, 0),)
     by_worker = {s.worker: s for s in closes}
     # One worker ready: nothing is committed yet.
-    assert core.on_reply(*ack(by_worker["head"], close_report())) == []
+    assert core.on_reply(*ready(by_worker["head"])) == []
     assert not step.committed and step.close_pending == {"enc"}
     assert prec.pending == {"enc"} or prec.pending == set()  # head's part is done once it closed
     # The last ready: Commit to every participant; enc reports its update after it (final=False).
-    after = core.on_reply(*ack(by_worker["enc"], close_report(final=False)))
+    after = core.on_reply(*ready(by_worker["enc"], final=False))
     assert [(s.worker, type(s.msg).__name__) for s in after] == [("enc", "Commit"), ("enc", "GetState"),
                                                                  ("head", "Commit")]
     assert step.committed and step.close_pending == {"enc"} and after[1].request.kind is Kind.UPDATE
     assert not step.closed
-    core.on_reply(*ack(after[1], {"step": step.id, "grad_norm": 2.5, "calls": 99, "applied": True}))
+    core.on_reply(after[1].request, m.UpdateReport(after[1].msg.req, step.id, True, 2, {"grad_norm": 2.5}))
     assert step.closed and step.reports["enc"]["grad_norm"] == 2.5 and step.reports["enc"]["calls"] == 1
+    assert step.reports["enc"]["version"] == 2
     core.finish(step)
     assert core.closing == [] and core.graph.calls == {}
 
@@ -88,13 +89,20 @@ def test_a_failure_fails_the_step_once_and_aborts_every_participant():
     assert core.step_for_call(2.0).id == step.id + 1
 
 
+def test_a_reply_of_the_wrong_type_fails_its_step():
+    core = CallerCore()
+    step, enc, head, s1, s2 = two_calls(core)
+    core.on_reply(*ack(s1[0], {"single": True}))  # an untyped Ack where ForwardDone belongs
+    assert isinstance(step.error, E.DecodeError) and "ForwardDone" in step.error.message
+
+
 def test_a_changed_output_structure_fails_the_step():
     core = CallerCore()
     step = core.step_for_call(0.0)
     _, a = core.call("w", step, [], {}, [], True)
     _, b = core.call("w", step, [], {}, [], True)
-    core.on_reply(*ack(a[0], fwd_meta()))
-    sends = core.on_reply(*ack(b[0], {"single": False, "outputs": [[[1], "float32", True]] * 2, "version": 0}))
+    core.on_reply(*done(a[0]))
+    sends = core.on_reply(*done(b[0], (1,), single=False, n=2))
     assert isinstance(step.error, E.ConfigError) and "output structure" in step.error.message
     assert [type(s.msg).__name__ for s in sends] == ["Abort"]
 
@@ -104,7 +112,7 @@ def test_a_late_reply_of_an_earlier_epoch_completes_nothing():
     step, enc, head, s1, s2 = two_calls(core)
     core.new_epoch(first_step=7, now=3.0)
     assert core.step.id == 7 and isinstance(step.error, E.StepAborted) and step.delivered
-    assert core.on_reply(*ack(s1[0], fwd_meta())) == []
+    assert core.on_reply(*done(s1[0])) == []
     assert enc.meta is None and core.requests == {}
     # Channel numbering starts over with the epoch.
     _, sends = core.call("enc", core.step_for_call(3.0), [], {}, [], True)

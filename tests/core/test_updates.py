@@ -30,7 +30,8 @@ def test_step_rule_sums_passes_and_applies_once_at_commit():
     mod, u = updates("step")
     w0 = mod.weight.detach().clone()
     assert not u.pass_done(1, 100, grads(mod)) and not u.pass_done(1, 101, grads(mod))
-    assert u.ready_report(1)["pending"] and u.ready_report(1)["version"] == 1
+    pending, version, final, _ = u.ready_report(1)
+    assert pending and version == 1 and final
     assert u.commit(1)
     torch.testing.assert_close(mod.weight, w0 - 2.0)
     assert u.pending.by_step == {} and u.version == 1

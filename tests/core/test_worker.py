@@ -21,7 +21,9 @@ def linear_core(name="lin", update="step", lr=0.1, staleness=0):
 
 
 def acks(out):
-    return {msg.req: msg.data for to, msg in out if to is None and isinstance(msg, m.Ack)}
+    """Replies that succeeded: an Ack's data, or the typed reply itself (ForwardDone, CloseReady, UpdateReport)."""
+    return {msg.req: msg.data if isinstance(msg, m.Ack) else msg for to, msg in out
+            if to is None and isinstance(msg, (m.Ack, m.ForwardDone, m.CloseReady, m.UpdateReport))}
 
 
 def failures(out):
@@ -42,8 +44,8 @@ def test_forward_with_constant_input_acks_with_shapes():
     x = torch.randn(4, 3)
     out = core.handle(m.Forward(1, 10, 1, [x], {}, (), True))
     meta = acks(out)[1]
-    assert meta["single"] is True
-    assert meta["outputs"] == [[[4, 2], "float32", True]]
+    assert meta.single is True
+    assert meta.outputs == (m.OutputMeta((4, 2), "float32", True),)
     got = core.handle(m.Fetch(2, 10, 0))
     torch.testing.assert_close(acks(got)[2], ref(x))
 
@@ -74,7 +76,7 @@ def test_one_pass_sends_input_gradient_and_step_applies_update():
     torch.testing.assert_close(grad_msg.tensor, xr.grad)
     out = core.handle(m.Close(3, 1, (10,), (100,), ()))
     report = acks(out)[3]
-    assert report["applied"] is True
+    assert isinstance(report, m.CloseReady) and report.applied is True and report.step == 1
     torch.testing.assert_close(core.module.weight, ref.weight)  # ready, but nothing applied before Commit
     core.handle(m.Commit(1))
     with torch.no_grad():
@@ -268,7 +270,7 @@ def test_reset_forgets_the_update_metrics_of_steps_that_never_closed():
     core.reset()
     run_step_1(3)
     report = acks(core.handle(m.Close(5, 1, (10,), (100,), ())))[5]
-    assert report["updates"] == 1
+    assert report.metrics["updates"] == 1
 
 
 def test_expire_answers_each_stale_step_with_its_own_deadline_error():

@@ -27,13 +27,13 @@ class Harness:
         self.seq = 0
 
     def _send(self, to, sender, seq, data):
-        self.sent.append((to, codec.decode(data)))
+        self.sent.append((to, codec.decode_frame(data)))
 
     def frame(self, msg, seq=None, sender="caller"):
         if seq is None:
             seq, self.seq = self.seq, self.seq + 1
-        reply = (lambda data: self.replies.__setitem__(msg.req, codec.decode(data))) if hasattr(msg, "req") else None
-        self.host.accept(sender, seq, codec.encode(msg), reply)
+        reply = (lambda data: self.replies.__setitem__(msg.req, codec.decode_frame(data))) if hasattr(msg, "req") else None
+        self.host.accept(sender, seq, codec.encode_frame(msg).private(), reply)
 
     async def settle(self):
         await self.host.drain()
@@ -52,8 +52,8 @@ async def test_frames_out_of_order_are_handled_in_sender_order():
     assert h.replies == {}  # nothing before frame 0
     h.frame(fwd, seq=0)
     await h.settle()
-    assert isinstance(h.replies[1], m.Ack) and isinstance(h.replies[2], m.Ack) and isinstance(h.replies[3], m.Ack)
-    assert h.replies[3].data["applied"] is True
+    assert isinstance(h.replies[1], m.ForwardDone) and isinstance(h.replies[2], m.Ack)
+    assert isinstance(h.replies[3], m.CloseReady) and h.replies[3].applied is True
     h.host.stop()
 
 
@@ -73,12 +73,12 @@ async def test_duplicate_frame_is_dropped():
 async def test_malformed_frame_gets_a_decode_error_and_the_host_keeps_serving():
     h = Harness()
     got = []
-    h.host.accept("caller", 0, b"\x93garbage", lambda data: got.append(codec.decode(data)))
+    h.host.accept("caller", 0, b"\x93garbage", lambda data: got.append(codec.decode_frame(data)))
     h.frame(m.Forward(1, 10, 1, [torch.randn(4, 3)], {}, (), True), seq=1)
     await h.settle()
     assert isinstance(got[0], m.Failure)
     assert isinstance(E.from_info(got[0].error), E.DecodeError) and got[0].error["worker"] == "lin"
-    assert isinstance(h.replies[1], m.Ack)
+    assert isinstance(h.replies[1], m.ForwardDone)
     h.host.stop()
 
 
@@ -98,8 +98,8 @@ async def test_gradients_leave_to_the_producer_worker_numbered_per_channel():
 async def test_only_the_caller_sends_calls_state_and_aborts_and_a_worker_only_its_own_gradients():
     h = Harness()
     got = []
-    h.host.accept("intruder", 0, codec.encode(m.GetState(7, "full")), lambda data: got.append(codec.decode(data)))
-    h.host.accept("intruder", 1, codec.encode(m.SetState(8, "module", {})), lambda data: got.append(codec.decode(data)))
+    h.host.accept("intruder", 0, codec.encode(m.GetState(7, "full")), lambda data: got.append(codec.decode_frame(data)))
+    h.host.accept("intruder", 1, codec.encode(m.SetState(8, "module", {})), lambda data: got.append(codec.decode_frame(data)))
     h.host.accept("intruder#3", 0, codec.encode(m.Abort(1, "x")))  # another epoch: dropped before decoding
     await h.settle()
     assert [type(x).__name__ for x in got] == ["Failure", "Failure"]
@@ -124,7 +124,7 @@ async def test_aborts_of_steps_not_yet_begun_are_refused():
         h.frame(m.Abort(10**6 + i, "far future"))
     h.frame(m.Forward(1, 10, 1, [torch.randn(4, 3)], {}, (), True))
     await h.settle()
-    assert isinstance(h.replies[1], m.Ack)
+    assert isinstance(h.replies[1], m.ForwardDone)
     assert h.core.top_step == 1 and 10**6 not in h.core.aborted
     h.host.stop()
 
