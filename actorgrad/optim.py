@@ -5,9 +5,11 @@ optimizer is bound to parameter tensors, and those live in the worker.
 Besides the optimizer's own arguments, ``ag.Optim`` takes keyword-only
 extras that the worker applies around every optimizer step:
 
-- ``schedule=ag.Schedule(cls, **kwargs)``: an LR scheduler the worker builds
-  as ``cls(optimizer, **kwargs)`` and steps once after every optimizer step
-  it applies;
+- ``schedule=ag.Schedule(cls, *, every="update", **kwargs)``: an LR scheduler
+  the worker builds as ``cls(optimizer, **kwargs)`` and steps once after every
+  optimizer step it applies (``every="update"``), or once after every
+  ``ag.step()`` whether or not it updated (``every="step"``, as a plain
+  PyTorch loop that steps its scheduler every iteration);
 - ``clip_grad_norm=max_norm`` / ``clip_grad_value=clip_value``: the gradient
   is clipped over this worker's parameters before each optimizer step,
   exactly as ``torch.nn.utils.clip_grad_norm_`` / ``clip_grad_value_`` would

@@ -44,6 +44,8 @@ PROBE_MARGIN = 0.25
 # A worker still starting does not count against a wait's deadline, up to this many seconds of start-up
 # (an autoscaling cluster may have to add a node); beyond, the deadline error says it is still starting.
 START_LIMIT = 600.0
+# A step with more calls than this and 4x the largest step before it draws a warning: ag.step() forgotten?
+CALLS_WARN = 256
 
 __all__ = ["Runtime", "WorkerInfo", "DEFAULT_TIMEOUT", "PROBE_MARGIN", "START_LIMIT", "StepRecord", "PassRecord"]
 
@@ -126,6 +128,8 @@ class Runtime:
         # Tensors and modules already in a worker, by id, each with a weak reference (an id is reused once
         # its object is collected) and who owns it: (ref, worker, parameter or module name).
         self._owned: dict[int, tuple[weakref.ref, str, str]] = {}
+        # Calls per step, for the forgotten-ag.step() warning: (open step, its calls, largest earlier, warned at).
+        self._step_calls = [-1, 0, 0, 0]
         self._group: Optional[tuple[str, list[tuple[WorkerSpec, dict[str, Any]]]]] = None
         self._local = threading.local()
         # The last closed step and its calls, kept past Graph.drop_step for ag.graph().
@@ -450,7 +454,8 @@ class Runtime:
 
     def _owned_by(self, obj: Any) -> Optional[tuple[str, str]]:
         entry = self._owned.get(id(obj))
-        if entry is None or entry[0]() is not obj:
+        # A worker no longer in the runtime (an abandoned placement block) owns nothing.
+        if entry is None or entry[0]() is not obj or entry[1] not in self.workers:
             return None
         return entry[1], entry[2]
 
@@ -471,11 +476,11 @@ class Runtime:
                 raise E.ConfigError(
                     f"{kind} '{pname}' is the same tensor as '{owner[1]}' of worker '{owner[0]}' (tied weights); "
                     "each worker holds its own copy, so the two would be silently untied and drift apart. Put the "
-                    f"modules that share it into one worker and call that worker several times (e.g. one worker "
+                    "modules that share it into one worker and call that worker several times (e.g. one worker "
                     "holding both the embedding and the output head)", worker=name)
 
     def _own(self, module: torch.nn.Module, name: str) -> None:
-        """Record the module, its submodules, parameters and buffers as held by worker ``name``."""
+        """Record the module, its parameters and its buffers as held by worker ``name``."""
         for gone in [k for k, (ref, _, _) in self._owned.items() if ref() is None]:
             del self._owned[gone]
         # Submodules are not recorded: sharing a stateless one (an activation) is harmless, and a stateful
@@ -483,8 +488,10 @@ class Runtime:
         objs: list[tuple[str, Any]] = [("", module)]
         objs += list(module.named_parameters(remove_duplicate=False))
         objs += list(module.named_buffers(remove_duplicate=False))
-        for label, obj in objs:
-            self._owned.setdefault(id(obj), (weakref.ref(obj), name, label))
+        mine: dict[int, tuple[weakref.ref, str, str]] = {}
+        for label, obj in objs:  # a weight tied inside the module keeps its first name
+            mine.setdefault(id(obj), (weakref.ref(obj), name, label))
+        self._owned.update(mine)
 
     PLACEMENT_STRATEGIES = ("pack", "spread", "strict_pack", "strict_spread")
 
@@ -609,6 +616,7 @@ class Runtime:
             rec, sends = self.core.call(worker, step, args_t, kwargs_t, refs, grad_on, tuple(leaf_pos),
                                         tuple(leaf_src))
             self._send(sends)
+            self._note_call(step)
             if sends and worker not in self.core.arity:
                 # The first call tells how many outputs this module returns.
                 fwd = sends[0].request
@@ -624,6 +632,20 @@ class Runtime:
                 for nd in nodes:
                     step.nodes.add(nd)
             return nodes[0] if single else tuple(nodes)
+
+    def _note_call(self, step: StepRecord) -> None:
+        """Warn (once per threshold) when the open step holds far more calls than any step before it."""
+        sc = self._step_calls
+        if sc[0] != step.id:
+            sc[:3] = [step.id, 0, max(sc[2], sc[1])]
+        sc[1] += 1
+        limit = max(CALLS_WARN, 4 * sc[2])
+        if sc[1] > limit and sc[3] < limit:
+            sc[3] = limit
+            log.warning("step %d holds %d calls, far more than any step before it (at most %d): every call keeps "
+                        "its saved state until ag.step() closes the step, and then all their gradients are applied "
+                        "as one update. Call ag.step() once per iteration (or ag.train), and evaluate under "
+                        "ag.no_grad()", step.id, sc[1], sc[2])
 
     def _check_input_node(self, node: Node, step: StepRecord, worker: str, where: str) -> None:
         if node._runtime is not self:
@@ -882,6 +904,7 @@ class Runtime:
                        text: str) -> Any:
         with self._lock:
             self._info(worker)
+            self._flush_released()
             r, sends = self.core.state(worker, what, state, set_=set_)
             self._send(sends)
             self._pump(lambda: r.done, self._deadline(timeout), None, lambda: (text, [(worker, None)]), timeout)

@@ -22,6 +22,12 @@ ready, and only then, the caller sends ``Commit`` to each: a step that fails
 anywhere before that applies nothing anywhere (exactness of failed steps).
 Workers whose report needs the applied update (``final`` is False) are asked
 for it right behind their Commit (an ``UPDATE`` request).
+
+Caller leaves (argument tensors with requires_grad): a worker returns their
+gradients in its Plan reply; such a worker stays pending in its pass until that
+reply came, even after its CloseReady, and a completed pass is queued in
+``leaves_ready`` for the driver to add into the tensors' ``.grad``. The caller
+consumes these gradients; it never relays one worker's gradient to another.
 """
 
 from __future__ import annotations

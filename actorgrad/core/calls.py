@@ -48,7 +48,9 @@ class CallState:
     snapshot: Optional[int] = None  # key of the stale weights this call used (max_staleness > 0)
     routes: list[m.Route] = field(default_factory=list)  # waiting for the forward to run
     fetches: list[tuple[int, int]] = field(default_factory=list)  # (req, out) waiting for the forward
+    released: bool = False  # the caller holds no Node of it (ag.no_grad()): free it once its forward ran
     error: Optional[dict] = None
+    training: bool = True  # the module's mode when the call arrived (a later SetState must not change it)
     arrived_us: float = 0.0
     done_us: float = 0.0
     since: float = field(default_factory=time.monotonic)

@@ -99,7 +99,11 @@ class SeedGrad:
 
 @dataclass(frozen=True, slots=True)
 class Plan:
-    """Caller -> worker: a pass starts; which gradients to expect, and the seeds here."""
+    """Caller -> worker: a pass starts; which gradients to expect, and the seeds here.
+
+    Its Ack's data: ``{"worker", "calls", "applied"}`` and, where calls of the pass took caller
+    leaves, ``"leaves": [[call, leaf position, gradient], ...]``.
+    """
 
     req: int
     pass_id: int

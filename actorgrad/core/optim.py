@@ -24,17 +24,27 @@ class Schedule:
     A keyword argument that is itself a Schedule (or a list of them, as for ``SequentialLR``'s
     ``schedulers``) is built over the same optimizer first.
 
+    ``every``: "update" (default) steps the scheduler after each optimizer step of the worker;
+    "step" steps it once after every ``ag.step()``, whether or not the worker updated in it (as a
+    plain-PyTorch loop that calls ``scheduler.step()`` every iteration).
+
     >>> sched = Schedule(torch.optim.lr_scheduler.StepLR, step_size=10, gamma=0.5)
+    >>> sched = Schedule(torch.optim.lr_scheduler.StepLR, every="step", step_size=10, gamma=0.5)
     """
 
-    def __init__(self, cls: Union[type[LRScheduler], Callable[[torch.optim.Optimizer], LRScheduler]],
-                 **kwargs: Any) -> None:
+    EVERY = ("update", "step")
+
+    def __init__(self, cls: Union[type[LRScheduler], Callable[[torch.optim.Optimizer], LRScheduler]], *,
+                 every: str = "update", **kwargs: Any) -> None:
         # Checked at ag.spawn (check()), where the error can name the worker.
         self.cls = cls
+        self.every = every
         self.kwargs = kwargs
 
     def check(self, worker: str) -> None:
         """Raise ConfigError (naming ``worker``) unless this is a recipe of a scheduler actorgrad can step."""
+        if self.every not in self.EVERY:
+            raise ConfigError(f"ag.Schedule(every=...) must be one of {self.EVERY}, got {self.every!r}", worker=worker)
         cls = self.cls
         if isinstance(cls, type):
             if not issubclass(cls, LRScheduler):
@@ -73,7 +83,8 @@ class Schedule:
 
     def __repr__(self) -> str:
         name = getattr(self.cls, "__name__", repr(self.cls))
-        args = ", ".join(f"{k}={v!r}" for k, v in self.kwargs.items())
+        args = ", ".join(f"{k}={v!r}" for k, v in (({"every": self.every} if self.every != "update" else {})
+                                                   | self.kwargs).items())
         return f"Schedule({name}{', ' if args else ''}{args})"
 
 
@@ -195,6 +206,12 @@ def build_optimizer(spec: OptimizerSpec | None, module: torch.nn.Module, worker:
 def update_options(spec: OptimizerSpec | None) -> UpdateOptions:
     """The extras of an optimizer argument (none for a plain callable)."""
     return spec.options() if isinstance(spec, Optim) else UpdateOptions()
+
+
+def steps_every_step(spec: Any) -> bool:
+    """Whether an optimizer argument has a schedule stepped after every ag.step() (``every="step"``)."""
+    schedule = getattr(spec, "schedule", None) if isinstance(spec, Optim) else None
+    return isinstance(schedule, Schedule) and getattr(schedule, "every", "update") == "step"
 
 
 def build_schedule(options: UpdateOptions, optimizer: torch.optim.Optimizer | None, worker: str) -> LRScheduler | None:

@@ -58,6 +58,8 @@ class PassState:
     status: PassStatus = PASS_OPEN
     created_us: float = 0.0
     owned: set[str] = field(default_factory=set)  # param_grads entries this pass allocated itself
+    accumulate: bool = True  # False: a partial backward that leaves this worker's parameters out
+    leaf_grads: list[list] = field(default_factory=list)  # [call, leaf position, gradient] for the caller
     since: float = field(default_factory=time.monotonic)
 
     @property
@@ -83,7 +85,8 @@ class PassTable:
 
     def add(self, msg: m.Plan, created_us: float) -> PassState:
         """Record a Plan's pass (its expectations are filled in by the caller of this)."""
-        ps = self.passes[msg.pass_id] = PassState(msg.pass_id, msg.step, msg.req, created_us=created_us)
+        ps = self.passes[msg.pass_id] = PassState(msg.pass_id, msg.step, msg.req, created_us=created_us,
+                                                  accumulate=msg.accumulate)
         return ps
 
     def keep_early(self, msg: m.Gradient) -> None:

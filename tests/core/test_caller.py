@@ -138,3 +138,48 @@ def test_fetch_and_state_requests_do_not_belong_to_a_step():
     assert isinstance(sends2[0].msg, m.SetState) and sends2[0].seq == 2  # after Forward and Route
     core.on_reply(r2, m.Ack(r2.req, None))
     assert r2.done and r2.error is None
+
+
+def test_inputs_mark_plans_that_do_not_accumulate():
+    core = CallerCore()
+    step, enc, head, s1, s2 = two_calls(core)
+    _, plans = core.backward(step, [(head.id, 0)], [None], accumulate={"enc"})
+    assert {s.worker: s.msg.accumulate for s in plans} == {"enc": True, "head": False}
+
+
+def test_caller_leaf_gradients_come_with_the_plan_reply_and_hold_the_close():
+    core = CallerCore()
+    step = core.step_for_call(0.0)
+    x = torch.ones(4, 3, requires_grad=True)
+    enc, s1 = core.call("enc", step, [x.detach()], {}, [], True, (0,), (x,))
+    assert s1[0].msg.leaves == (0,) and enc.leaves == ((0, x),)
+    prec, plans = core.backward(step, [(enc.id, 0)], [None])
+    assert prec.leaves == {"enc"}
+    _, closes = core.close({}, now=1.0)
+    core.on_reply(*ready(closes[0]))  # the CloseReady overtook the Plan's reply
+    assert prec.pending == {"enc"} and not step.closed
+    core.on_reply(*ack(plans[0], {"leaves": [[enc.id, 0, torch.full((4, 3), 2.0)]]}))
+    assert core.leaves_ready == [prec] and prec.leaf_grads[0][:2] == (enc.id, 0) and step.closed
+
+
+def test_always_closed_workers_join_every_step():
+    core = CallerCore()
+    step, enc, head, s1, s2 = two_calls(core)
+    closed, closes = core.close({}, now=1.0, always=["sched", "enc"])
+    assert [s.worker for s in closes] == ["enc", "head", "sched"]
+    assert closed.bystanders == {"sched"} and closes[2].msg.calls == ()
+    empty, closes = core.close({}, now=2.0, always=["sched"])
+    assert [s.worker for s in closes] == ["sched"]
+
+
+def test_release_of_a_no_grad_call_leaves_it_out_of_the_close():
+    core = CallerCore()
+    step = core.step_for_call(0.0)
+    rec, _ = core.call("enc", step, [torch.ones(2)], {}, [], False)
+    kept, _ = core.call("enc", step, [torch.ones(2)], {}, [], False)
+    (send,) = core.release(rec)
+    assert send.msg == m.Release(step.id, rec.id) and send.request is None
+    assert core.release(rec) == []  # once
+    _, closes = core.close({}, now=1.0)
+    assert closes[0].msg.calls == (kept.id,)
+    assert core.release(kept) == []  # its step is closing: the close frees it

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import struct
+
 import msgpack
 import pytest
 import torch
@@ -25,6 +27,9 @@ SAMPLES = [
     m.Close(6, 1, (2, 9), (5,), ((2, 0),)),
     m.Abort(1, "why"),
     m.Commit(3),
+    m.Release(3, 9),
+    m.Forward(1, 2, 3, [T, [T, 2]], {"k": T}, (), True, (0, 2)),
+    m.Plan(4, 5, 1, (), (), False),
     m.Fetch(7, 2, 0),
     m.GetState(8, "full"),
     m.SetState(9, "module", {"weight": T, "n": {0: [1, 2]}}),
@@ -67,40 +72,60 @@ def _raw(*fields):
     return msgpack.packb(list(fields), use_bin_type=True)
 
 
+def _hdr(dtype, shape, index=0):
+    return msgpack.ExtType(1, codec.tensor_header(dtype, shape, index))
+
+
+def _framed(envelope: bytes, *buffers: bytes) -> bytes:
+    """An envelope (and buffers) in the Frame byte layout, as a transport would carry them."""
+    return codec.Frame(envelope, list(buffers)).to_bytes()
+
+
 @pytest.mark.parametrize(
-    "data, words",
+    "envelope, buffers, words",
     [
-        (b"", "malformed"),
-        (b"\xc1", "malformed"),
-        (_raw(), "non-empty list"),
-        (_raw(99, 1), "unknown message type"),
-        (_raw(7, 1), "needs 2 fields"),
-        (_raw(7, "one", "why"), "Abort.step"),
-        (_raw(8, 1, 2, True), "Fetch.out"),
-        (_raw(3, 1, 1, 0, 0, msgpack.ExtType(1, codec.tensor_payload("float32", [2], b"\0" * 7))), "needs 8 bytes"),
-        (_raw(3, 1, 1, 0, 0, msgpack.ExtType(1, codec.tensor_payload("object", [1], b"\0"))), "unknown tensor dtype"),
-        (_raw(3, 1, 1, 0, 0, msgpack.ExtType(1, codec.tensor_payload("float32", [-1], b""))), "invalid size"),
-        (_raw(3, 1, 1, 0, 0, msgpack.ExtType(1, b"\xff\xff\x90")), "runs past its data"),
-        (_raw(3, 1, 1, 0, 0, msgpack.ExtType(1, b"\x00\x01\xc1")), "header is malformed"),
-        (_raw(3, 1, 1, 0, 0, msgpack.ExtType(42, b"")), "unknown extension"),
-        (_raw(1, 1, 2, 3, [msgpack.ExtType(2, msgpack.packb(4))], {}, [], True), "slot 4 has no ref"),
-        (_raw(3, 1, 1, 0, 0, "not a tensor"), "expected a tensor"),
-        (_raw(11, 1, msgpack.Timestamp(1, 0)), "unknown extension type -1"),
-        (_raw(11, 1, {True: 1}), "map keys must be str or int"),
-        (_raw(11, 1, {1.5: 1}), "map keys must be str or int"),
-        (_raw(11, 1, msgpack.ExtType(2, msgpack.packb("x"))), "input slot must hold exactly one integer"),
-        (_raw(11, 1, msgpack.ExtType(2, msgpack.packb(-1))), "invalid input slot -1"),
-        (_raw(11, 1, msgpack.ExtType(3, msgpack.packb({}))), "a tuple must be packed as a list"),
-        (_raw(11, 1, msgpack.ExtType(1, b"")), "a tensor needs a header"),
-        (_raw(11, 1, msgpack.ExtType(1, b"\x00")), "a tensor needs a header"),
-        (_raw(11, 1, [[[[]]]] * 2) + b"\x00", "bytes left over"),
-        (_raw(11, 1, "x")[:-1], "ends early"),
+        (b"", (), "malformed"),
+        (b"\xc1", (), "malformed"),
+        (_raw(), (), "non-empty list"),
+        (_raw(99, 1), (), "unknown message type"),
+        (_raw(7, 1), (), "needs 2 fields"),
+        (_raw(7, "one", "why"), (), "Abort.step"),
+        (_raw(8, 1, 2, True), (), "Fetch.out"),
+        (_raw(3, 1, 1, 0, 0, _hdr("float32", [2])), (b"\0" * 7,), "needs 8 bytes"),
+        (_raw(3, 1, 1, 0, 0, _hdr("object", [1])), (b"\0",), "unknown tensor dtype"),
+        (_raw(3, 1, 1, 0, 0, _hdr("float32", [-1])), (b"",), "invalid size"),
+        (_raw(3, 1, 1, 0, 0, _hdr("float32", [1], 1)), (b"\0" * 4,), "buffer 1 does not exist"),
+        (_raw(3, 1, 1, 0, 0, _hdr("float32", [1], -1)), (b"\0" * 4,), "buffer -1 does not exist"),
+        (_raw(3, 1, 1, 0, 0, _hdr("float32", [1], "0")), (b"\0" * 4,), "does not exist"),
+        (_raw(3, 1, 1, 0, 0, _hdr("float32", [1])), (b"\0" * 4, b"\0" * 4), "1 buffers that no tensor uses"),
+        (_raw(11, 1, [_hdr("float32", [1]), _hdr("float32", [1])]), (b"\0" * 4,), "used twice"),
+        (_raw(3, 1, 1, 0, 0, msgpack.ExtType(1, msgpack.packb(["float32", [1]]))), (b"\0" * 4,),
+         "must be [dtype, shape, buffer index]"),
+        (_raw(3, 1, 1, 0, 0, msgpack.ExtType(1, b"\xc1")), (), "header is malformed"),
+        (_raw(3, 1, 1, 0, 0, msgpack.ExtType(1, b"\x93" + b"\x90" * 600)), (), "longer than 512"),
+        (_raw(3, 1, 1, 0, 0, msgpack.ExtType(42, b"")), (), "unknown extension"),
+        (_raw(1, 1, 2, 3, [msgpack.ExtType(2, msgpack.packb(4))], {}, [], True, []), (), "slot 4 has no ref"),
+        (_raw(1, 1, 2, 3, [], {}, [], True, [2, 1]), (), "leaf positions must be increasing"),
+        (_raw(1, 1, 2, 3, [], {}, [], True, [-1]), (), "leaf positions must be increasing"),
+        (_raw(4, 1, 2, 3, [], [], "yes"), (), "expected a boolean"),
+        (_raw(3, 1, 1, 0, 0, "not a tensor"), (), "expected a tensor"),
+        (_raw(11, 1, msgpack.Timestamp(1, 0)), (), "unknown extension type -1"),
+        (_raw(11, 1, {True: 1}), (), "map keys must be str or int"),
+        (_raw(11, 1, {1.5: 1}), (), "map keys must be str or int"),
+        (_raw(11, 1, msgpack.ExtType(2, msgpack.packb("x"))), (), "input slot must hold exactly one integer"),
+        (_raw(11, 1, msgpack.ExtType(2, msgpack.packb(-1))), (), "invalid input slot -1"),
+        (_raw(11, 1, msgpack.ExtType(3, msgpack.packb({}))), (), "a tuple must be packed as a list"),
+        (_raw(11, 1, msgpack.ExtType(1, b"")), (), "a tensor header is malformed"),
+        (_raw(11, 1, [[[[]]]] * 2) + b"\x00", (), "bytes left over"),
+        (_raw(11, 1, "x")[:-1], (), "ends early"),
     ],
 )
-def test_malformed_messages_raise_decode_error(data, words):
+def test_malformed_messages_raise_decode_error(envelope, buffers, words):
     with pytest.raises(DecodeError) as info:
-        codec.decode(data)
+        codec.decode(_framed(envelope, *buffers))
     assert words in str(info.value)
+    with pytest.raises(DecodeError):  # the same without the byte layout
+        codec.decode_frame(codec.Frame(envelope, [bytearray(b) for b in buffers], owned=True))
 
 
 def test_pickle_payload_is_not_unpickled():
@@ -135,3 +160,166 @@ def test_mutated_messages_only_ever_raise_decode_error(msg, data):
         codec.decode(bytes(raw[:cut]))
     except DecodeError:
         pass
+
+
+# --- frames: envelope plus out-of-band buffers ----------------------------------------------------------
+
+
+def _tensors(dtype):
+    """Tensors of ``dtype`` in every shape the codec must carry: 0-d, empty, plain and non-contiguous."""
+    base = (torch.arange(24) % 5).to(dtype)
+    return [base[3].clone(), base[:0].reshape(0, 3), base.reshape(2, 3, 4), base.reshape(4, 6).t(),
+            base.reshape(4, 6)[:, 1::2]]
+
+
+def _with_tensors(t):
+    return [
+        m.Forward(1, 2, 3, [m.Slot(0), t, (t, "a", None)], {"k": t}, (m.RefSpec("enc", 7, 0, True),), True),
+        m.Value(1, 9, 0, 2, t),
+        m.Plan(4, 5, 1, (m.Expect(2, 0, ((9, 0),)),), (m.SeedGrad(2, 1, 0, t),)),
+        m.Gradient(5, 1, 2, 0, "head", 9, 0, t),
+        m.SetState(9, "module", {"weight": t, "n": {0: [t, 2]}}),
+        m.Ack(10, {"outputs": [t, (t,)]}),
+    ]
+
+
+FRAME_SAMPLES = SAMPLES + [msg for dtype in codec.DTYPES.values() for t in _tensors(dtype)
+                           for msg in _with_tensors(t)]
+
+
+@pytest.mark.parametrize("msg", FRAME_SAMPLES, ids=lambda x: type(x).__name__)
+def test_frames_round_trip_every_message_and_dtype(msg):
+    frame = codec.encode_frame(msg)
+    assert _same(codec.decode_frame(frame), msg)
+    assert _same(codec.decode_frame(frame.private()), msg)
+    data = frame.to_bytes()
+    assert len(data) >= frame.nbytes
+    assert _same(codec.decode_frame(codec.Frame.from_bytes(data)), msg)
+    assert _same(codec.decode_frame(codec.Frame.from_bytes(bytearray(data), owned=True)), msg)
+    assert b"".join(frame.parts()) == data
+
+
+def test_frame_layout_is_documented_and_buffers_are_aligned():
+    t = torch.arange(3, dtype=torch.float64)
+    frame = codec.encode_frame(m.Ack(1, [torch.ones(1, dtype=torch.uint8), t]))
+    data = frame.to_bytes()
+    n_env, count = struct.unpack_from("<II", data)
+    sizes = struct.unpack_from(f"<{count}Q", data, 8)
+    assert (count, sizes) == (2, (1, 24)) and data[8 + 8 * count:8 + 8 * count + n_env] == frame.envelope
+    back = codec.Frame.from_bytes(bytearray(data), owned=True)
+    assert [len(b) for b in back.buffers] == [1, 24]
+    decoded = codec.decode_frame(back).data[1]
+    assert decoded.data_ptr() % codec.ALIGN == 0 and torch.equal(decoded, t)
+
+
+def test_encoding_copies_nothing_and_private_copies_once():
+    t = torch.arange(1024, dtype=torch.float32)
+    frame = codec.encode_frame(m.Value(1, 1, 0, 0, t))
+    assert not frame.owned
+    private = frame.private()
+    assert private.owned and private.private() is private
+    t.add_(1)  # the sender changes its tensor after sending
+    assert torch.equal(codec.decode_frame(frame).tensor, t)  # a view follows the change ...
+    assert torch.equal(codec.decode_frame(private).tensor, t - 1)  # ... the private copy does not
+    # Copies the encoder made itself (non-contiguous) are private already.
+    assert codec.encode_frame(m.Value(1, 1, 0, 0, torch.randn(3, 4).t())).owned
+
+
+def test_owned_frames_decode_without_a_copy_and_borrowed_ones_with_one():
+    t = torch.arange(16, dtype=torch.int32)
+    data = bytearray(codec.encode(m.Value(1, 1, 0, 0, t)))
+    owned = codec.decode_frame(codec.Frame.from_bytes(data, owned=True)).tensor
+    borrowed = codec.decode_frame(codec.Frame.from_bytes(data)).tensor
+    owned.add_(1)  # built on the received buffer itself
+    assert torch.equal(borrowed, t) and torch.equal(owned, t + 1)
+    assert torch.equal(codec.decode_frame(codec.Frame.from_bytes(data)).tensor, t + 1)
+    # Immutable bytes are never written to, whatever the caller claims.
+    frozen = codec.decode_frame(codec.Frame.from_bytes(bytes(codec.encode(m.Value(1, 1, 0, 0, t))), owned=True))
+    frozen.tensor.add_(1)
+
+
+def _layout(n_env: int, sizes: list[int]) -> bytes:
+    return struct.pack("<II", n_env, len(sizes)) + struct.pack(f"<{len(sizes)}Q", *sizes)
+
+
+GOOD = codec.encode(m.Value(1, 1, 0, 0, torch.arange(4, dtype=torch.float32)))
+ENV = codec.encode_frame(m.Value(1, 1, 0, 0, torch.arange(4, dtype=torch.float32))).envelope
+
+
+@pytest.mark.parametrize(
+    "data, words",
+    [
+        (b"", "shorter than its header"),
+        (b"\x00" * 7, "shorter than its header"),
+        (_layout(5, []), "declares 0 buffers and a 5 byte envelope"),
+        (struct.pack("<II", 0, 1), "declares 1 buffers"),  # the size table itself is missing
+        (struct.pack("<II", 0, 2**32 - 1), f"at most {codec.MAX_BUFFERS}"),
+        (struct.pack("<II", 0, codec.MAX_BUFFERS) + b"\x00" * 64, "declares 262144 buffers"),
+        (_layout(len(ENV), [2**64 - 1]) + ENV, "a buffer of 18446744073709551615 bytes"),
+        (_layout(len(ENV), [17]) + ENV + b"\x00" * 20, "a buffer of 17 bytes"),
+        (_layout(len(ENV), [8]) + ENV + b"\x00" * 32, "after its last buffer"),
+        (GOOD + b"\x00", "after its last buffer"),
+        (GOOD[:-1], "declares a buffer of 16 bytes"),
+        (_layout(2**32 - 1, []) + ENV, "byte envelope"),
+        ("not bytes", "a frame must be bytes"),
+    ],
+)
+def test_frame_bytes_that_lie_are_decode_errors(data, words):
+    with pytest.raises(DecodeError) as info:
+        codec.decode(data)
+    assert words in str(info.value)
+
+
+def test_huge_declared_sizes_allocate_nothing():
+    import tracemalloc
+
+    data = _layout(len(ENV), [2**40, 2**40]) + ENV
+    tracemalloc.start()
+    try:
+        with pytest.raises(DecodeError):
+            codec.Frame.from_bytes(data)
+        assert tracemalloc.get_traced_memory()[1] < 64 * 1024
+    finally:
+        tracemalloc.stop()
+
+
+def test_more_tensors_than_buffers_allowed_is_refused_on_both_sides(monkeypatch):
+    monkeypatch.setattr(codec, "MAX_BUFFERS", 4)
+    with pytest.raises(TypeError):
+        codec.encode_frame(m.Ack(1, [torch.ones(1)] * 5))
+    frame = codec.encode_frame(m.Ack(1, [torch.ones(1)] * 4))
+    assert len(codec.decode(frame.to_bytes()).data) == 4
+    with pytest.raises(DecodeError):
+        codec.decode_frame(codec.Frame(frame.envelope, frame.buffers * 2))
+
+
+def test_decode_frame_refuses_what_is_not_a_frame():
+    with pytest.raises(DecodeError):
+        codec.decode_frame(GOOD)
+    with pytest.raises(DecodeError):
+        codec.decode_frame(codec.Frame(bytearray(ENV), [b"\x00" * 16]))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.sampled_from([codec.encode(msg) for msg in FRAME_SAMPLES[::7]]), st.data())
+def test_mutated_frame_bytes_only_ever_raise_decode_error_or_decode(data, draw):
+    raw = bytearray(data)
+    for _ in range(draw.draw(st.integers(1, 4))):
+        op = draw.draw(st.sampled_from(["set", "insert", "delete", "size"]))
+        i = draw.draw(st.integers(0, max(0, len(raw) - 1)))
+        if op == "set" and raw:
+            raw[i] = draw.draw(st.integers(0, 255))
+        elif op == "insert":
+            raw[i:i] = draw.draw(st.binary(min_size=1, max_size=9))
+        elif op == "delete" and raw:
+            del raw[i]
+        elif op == "size" and len(raw) >= 16:  # rewrite a header field or size entry with a lie
+            j = draw.draw(st.integers(0, min(len(raw) - 8, 64)))
+            raw[j:j + 4] = struct.pack("<I", draw.draw(st.sampled_from([0, 1, 15, 16, 17, 2**31, 2**32 - 1])))
+    owned = draw.draw(st.booleans())
+    try:
+        msg = codec.decode_frame(codec.Frame.from_bytes(raw if owned else bytes(raw), owned=owned))
+    except DecodeError:
+        return
+    assert type(msg) in {cls for cls, _ in codec.SCHEMA.values()}
+    codec.decode(codec.encode(msg))

@@ -286,3 +286,49 @@ def test_expire_answers_each_stale_step_with_its_own_deadline_error():
         assert isinstance(errs[req], E.DeadlineExceeded) and errs[req].step == step
         assert f"for step {step};" in str(errs[req])
     assert not core.calls and not core.steps
+
+
+def test_a_pass_that_does_not_accumulate_sends_input_gradients_only():
+    core, ref = linear_core()
+    x = torch.randn(4, 3)
+    core.handle(m.Value(1, 10, 0, 5, x))
+    core.handle(forward_from_peer())
+    g = torch.randn(4, 2)
+    core.handle(m.Plan(2, 100, 1, (m.Expect(10, 0, ((20, 0),)),), (), False))
+    out = core.handle(m.Gradient(100, 1, 10, 0, "down", 20, 0, g))
+    (_, grad_msg), = sends(out)
+    torch.testing.assert_close(grad_msg.tensor, g @ ref.weight.detach())  # passed through
+    assert acks(out)[2]["applied"] is False
+    out = core.handle(m.Close(3, 1, (10,), (100,), ()))
+    assert acks(out)[3].applied is False  # nothing pending: the optimizer will not step
+    core.handle(m.Commit(1))
+    torch.testing.assert_close(core.module.weight, ref.weight)
+
+
+def test_caller_leaves_get_their_gradient_in_the_plan_reply():
+    core, ref = linear_core()
+    x = torch.randn(4, 3)
+    core.handle(m.Forward(1, 10, 1, [], {"input": x}, (), True, (0,)))
+    g = torch.randn(4, 2)
+    out = core.handle(m.Plan(2, 100, 1, (m.Expect(10, 0, ((m.SEED, 0),)),), (m.SeedGrad(10, 0, 0, g),)))
+    call, pos, grad = acks(out)[2]["leaves"][0]
+    assert (call, pos) == (10, 0)
+    torch.testing.assert_close(grad, g @ ref.weight.detach())
+
+
+def test_a_leaf_position_beyond_the_arguments_fails_the_call():
+    core, _ = linear_core()
+    out = core.handle(m.Forward(1, 10, 1, [torch.randn(4, 3)], {}, (), True, (3,)))
+    err = failures(out)[1]
+    assert isinstance(err, E.DecodeError) and err.worker == "lin" and "leaf position 3" in str(err)
+
+
+def test_release_frees_a_no_grad_call_before_its_step_closes():
+    core, _ = linear_core()
+    core.handle(m.Forward(1, 10, 1, [torch.randn(4, 3)], {}, (), False))
+    core.handle(m.Forward(2, 11, 1, [torch.randn(4, 3)], {}, (), True))
+    core.handle(m.Release(1, 11))  # saved for backward: not freed
+    core.handle(m.Release(1, 10))
+    assert set(core.calls) == {11}
+    out = core.handle(m.Close(3, 1, (11,), (), ()))
+    assert 3 in acks(out)
