@@ -17,7 +17,7 @@ import actorgrad as ag
 from actorgrad import errors as E
 
 from conftest import actor_nodes, free_port, ray_init_args, wait_process_gone, worker_pid
-from test_recovery import EVERY, STEPS, assert_equal, batch, big_oracle, oracle, params, spawn_all, spawn_big
+from test_recovery import EVERY, assert_equal, batch, big_oracle, params, spawn_all, spawn_big
 
 NO_MARKER = "/nonexistent"  # the model's 'mid' never crashes by itself here: its node is lost
 PLACES = {"enc": {"home": 1}, "mid": {"spot": 1}, "act": {"home": 1}, "head": {"home": 1}, "mse": {"home": 1}}
@@ -54,33 +54,6 @@ def node_of(name: str) -> str:
     return found[name]
 
 
-def test_node_lost_mid_training_recovers_on_a_replacement_node_exactly(cluster, tmp_path, caplog):
-    caplog.set_level(logging.WARNING, logger="actorgrad")
-    c, spot = cluster
-    ag.init(backend="ray", timeout=120, recover=True, checkpoint_every=EVERY, checkpoint_dir=str(tmp_path / "ck"))
-    workers, step_fn = spawn_all(NO_MARKER, "nowhere", PLACES)
-    first_node = node_of("mid")
-    pid = worker_pid(workers[1].actor)
-    lost = []
-
-    def fn(s: int) -> None:
-        if s == 5 and not lost:
-            # The node goes away between steps 4 and 5 and the cluster brings up a replacement
-            # (what an autoscaler does); Ray restarts 'mid' there.
-            c.remove_node(spot, allow_graceful=False)
-            wait_process_gone(pid)  # removing a node returns before its processes have exited
-            lost.append(c.add_node(num_cpus=1, resources={"spot": 1}))
-        step_fn(s)
-
-    reports = ag.train(fn, STEPS)
-    assert lost and [r.step for r in reports] == list(range(1, STEPS + 1))
-    assert sum("recovered: every worker restored to step 3" in r.getMessage() for r in caplog.records) == 1
-    assert_equal(params(workers), oracle(NO_MARKER))
-    assert node_of("mid") != first_node
-    x, _ = batch(99)
-    assert workers[0](x).value().shape == (16, 8)  # the runtime stays usable
-
-
 def test_node_lost_without_replacement_names_the_worker_and_is_not_recovered(cluster, tmp_path):
     c, spot = cluster
     ag.init(backend="ray", timeout=15, recover=True, checkpoint_every=EVERY, checkpoint_dir=str(tmp_path / "ck"))
@@ -99,14 +72,16 @@ def test_node_lost_without_replacement_names_the_worker_and_is_not_recovered(clu
     assert time.monotonic() - t0 < 15 + 30  # the runtime's deadline, plus the failure's own detection
 
 
-def test_node_lost_with_a_large_module_recovers_exactly(cluster, tmp_path, caplog):
-    """The restarted worker's spec comes from the caller's node: losing the worker's node loses no copy."""
+def test_node_lost_mid_training_recovers_a_large_module_on_a_replacement_node_exactly(cluster, tmp_path, caplog):
+    """Ray restarts the lost node's worker on a replacement node; its spec comes from the caller's node
+    (losing the worker's node loses no copy of a module far above what Ray inlines)."""
     caplog.set_level(logging.WARNING, logger="actorgrad")
     c, spot = cluster
     steps = 6
     ag.init(backend="ray", timeout=120, recover=True, checkpoint_every=EVERY, checkpoint_dir=str(tmp_path / "ck"))
     places = {"enc": {"home": 1}, "big": {"spot": 1}, "act": {"home": 1}, "head": {"home": 1}, "mse": {"home": 1}}
     workers, step_fn = spawn_big(1024, resources=places)  # 4 MiB: far above what Ray inlines (100 KiB)
+    first_node = node_of("big")
     pid = worker_pid(workers[1].actor)
     lost = []
 
@@ -122,3 +97,6 @@ def test_node_lost_with_a_large_module_recovers_exactly(cluster, tmp_path, caplo
     recovering = [r.getMessage() for r in caplog.records if "recovering from" in r.getMessage()]
     assert len(recovering) == 1 and "the node it ran on" in recovering[0], recovering
     assert_equal(params(workers), big_oracle(steps, 1024))
+    assert node_of("big") != first_node
+    x, _ = batch(99)
+    assert workers[0](x).value().shape[0] == 16  # the runtime stays usable
