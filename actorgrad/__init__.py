@@ -8,8 +8,8 @@
 import logging
 
 from . import errors
-from .api import (backward, graph, init, is_initialized, load, no_grad, placement, save, shutdown, spawn, step, train,
-                  trace)
+from .api import (backward, graph, init, is_initialized, load, no_grad, placement, save, set_training, shutdown, spawn,
+                  step, train, trace)
 from .core.rules import Rule, UpdateContext, register_rule
 from .handles import Node, Pass, StepHandle, StepReport, Worker, WorkerReport
 from .module import Module
@@ -30,6 +30,7 @@ __all__ = [
     "step",
     "train",
     "no_grad",
+    "set_training",
     "save",
     "load",
     "trace",

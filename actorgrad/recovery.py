@@ -72,6 +72,7 @@ class Runtime(Protocol):
     def wait_closing(self, timeout: Optional[float]) -> None: ...
     def get_state(self, worker: str, what: str, timeout: Optional[float]) -> Any: ...
     def set_state(self, worker: str, what: str, state: Any, timeout: Optional[float]) -> None: ...
+    def set_training(self, workers: list[str], mode: bool, timeout: Optional[float]) -> None: ...
     def new_epoch(self, first_step: int) -> None: ...
 
 
@@ -132,6 +133,9 @@ def _restore(rt: Runtime, states: dict[str, Any], timeout: Optional[float]) -> N
     for name, state in states.items():
         try:
             rt.set_state(name, "full", state, timeout)
+            info = rt.workers.get(name)
+            if info is not None:  # a restarted worker starts in its spawn-time mode: give it the caller's
+                rt.set_training([name], info.handle.training, timeout)
         except (E.ShapeError, E.ConfigError) as err:
             raise E.CheckpointError(f"the checkpoint does not fit the worker: {err.message}", worker=name) from err
 

@@ -2,7 +2,9 @@
 
 Inputs that arrive from other workers become fresh leaves
 (``detach().requires_grad_()``), so a call's autograd graph ends at its own
-boundary and ``torch.autograd.grad`` yields exactly this worker's part.
+boundary and ``torch.autograd.grad`` yields exactly this worker's part. The
+module itself gets a clone of each such leaf, so that in-place operations on
+its inputs run as in plain PyTorch.
 """
 
 from __future__ import annotations
@@ -72,9 +74,21 @@ def run_forward(
     save: bool,
 ) -> tuple[list[torch.Tensor], bool, Optional[Saved]]:
     """Run one call; return outputs, whether it was a single tensor, and what to save."""
-    call_args = fill_slots(args, leaves)
-    call_kwargs = fill_slots(kwargs, leaves)
     with torch.set_grad_enabled(save):
+        # The module gets a copy of each input that requires grad: in plain PyTorch its input is
+        # another layer's output, which in-place operations (ReLU(inplace=True), x.add_(1)) may modify;
+        # a leaf may not be, and it must keep the value custom backwards see.
+        clones: dict[int, torch.Tensor] = {}  # one clone per tensor, even where it is passed twice
+
+        def give(x: Any) -> Any:
+            if not (isinstance(x, torch.Tensor) and x.requires_grad):
+                return x
+            if id(x) not in clones:
+                clones[id(x)] = x.clone()
+            return clones[id(x)]
+
+        call_args = map_leaves(fill_slots(args, leaves), give)
+        call_kwargs = map_leaves(fill_slots(kwargs, leaves), give)
         if params is None:
             result = module(*call_args, **call_kwargs)
         else:
