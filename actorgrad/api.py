@@ -14,6 +14,7 @@ from . import errors as E
 from . import recovery
 from .handles import Node, Pass, StepHandle, StepReport, Worker, as_nodes
 from .runtime import DEFAULT_TIMEOUT, Runtime
+from .transport import backends, create_transport
 
 log = logging.getLogger("actorgrad")
 
@@ -21,13 +22,13 @@ _runtime: Optional[Runtime] = None
 _init_args: Optional[tuple] = None
 _lock = threading.Lock()
 
-BACKENDS = ("ray", "local")
 
 
 def init(address: Optional[str] = None, *, backend: str = "ray", timeout: float = DEFAULT_TIMEOUT,
          trace: Optional[str] = None, recover: bool = False, checkpoint_every: int = 10,
          checkpoint_dir: Optional[str] = None, max_restarts: int = 3, keep_checkpoints: int = 2,
-         check_finite: bool = False, worker_timeout: Optional[float] = None, **ray_kwargs: Any) -> Runtime:
+         check_finite: bool = False, worker_timeout: Optional[float] = None, seed: Optional[int] = None,
+         **ray_kwargs: Any) -> Runtime:
     """Start or join the runtime (idempotent); ``backend="local"`` runs every worker in this process.
 
     ``timeout`` is the default deadline of every wait in the caller; ``worker_timeout`` (default
@@ -37,14 +38,14 @@ def init(address: Optional[str] = None, *, backend: str = "ray", timeout: float 
     temporary directory if None; the last ``keep_checkpoints`` are kept), lets Ray restart a dead
     worker up to ``max_restarts`` times, and then restores every worker to the last checkpoint
     (see ``ag.train`` for replaying the lost steps). ``check_finite=True`` makes every worker check
-    its outputs and gradients and raise NonFiniteError where NaN or Inf first appears.
+    its outputs and gradients and raise NonFiniteError where NaN or Inf first appears. ``seed``
+    (default: ``torch.initial_seed()`` now) seeds every worker's own random generator, combined
+    with the worker's name: the same program and seed draw the same numbers on both backends.
     """
     global _runtime, _init_args
     with _lock:
-        if backend not in BACKENDS:
-            raise E.ConfigError(f"backend must be one of {BACKENDS}, got {backend!r}")
-        if backend == "local" and (address is not None or ray_kwargs):
-            raise E.ConfigError("backend='local' takes no Ray address or Ray options")
+        if backend not in backends():
+            raise E.ConfigError(f"backend must be one of {backends()}, got {backend!r}")
         if not isinstance(timeout, (int, float)) or timeout <= 0:
             raise E.ConfigError(f"timeout must be a positive number of seconds, got {timeout!r}")
         if _runtime is not None and not _runtime.closed:
@@ -52,16 +53,9 @@ def init(address: Optional[str] = None, *, backend: str = "ray", timeout: float 
                 raise E.ConfigError(
                     f"actorgrad is already running with backend={_runtime.backend!r}; call ag.shutdown() first")
             return _runtime
-        if backend == "local":
-            from .transport.local import LocalTransport
-
-            transport: Any = LocalTransport()
-        else:
-            from .transport.ray import RayTransport
-
-            transport = RayTransport(address, **ray_kwargs)
+        transport = create_transport(backend, address, **ray_kwargs)
         _runtime = Runtime(transport, timeout=float(timeout), trace=trace, check_finite=check_finite,
-                           worker_timeout=worker_timeout)
+                           worker_timeout=worker_timeout, seed=seed)
         if recover:
             _runtime.enable_recovery(checkpoint_every=checkpoint_every, checkpoint_dir=checkpoint_dir,
                                      max_restarts=max_restarts, keep=keep_checkpoints)
@@ -141,16 +135,38 @@ def train(step_fn: Callable[[int], Any], steps: int, *, timeout: Optional[float]
     return [reports[k] for k in sorted(reports)]  # a replayed step's report replaced the lost one
 
 
-def backward(*nodes: Union[Node, Sequence[Node]], gradients: Optional[Sequence[Any]] = None) -> Pass:
-    """Start one backward pass seeded at these nodes; returns at once."""
+def backward(*nodes: Union[Node, Sequence[Node]], gradients: Optional[Sequence[Any]] = None,
+             inputs: Any = None) -> Pass:
+    """Start one backward pass seeded at these nodes; returns at once.
+
+    ``inputs``: the Workers whose parameters accumulate this pass's gradient (as ``inputs=`` of
+    ``torch.autograd.backward``); the others only pass gradients on. Default: every worker.
+    """
     flat = as_nodes(nodes)
     rt = flat[0]._runtime if flat and isinstance(flat[0], Node) else _current()
-    return rt.backward(flat, None if gradients is None else list(gradients))
+    return rt.backward(flat, None if gradients is None else list(gradients), inputs)
 
 
 def step(wait: bool = True, timeout: Optional[float] = None) -> Union[StepReport, StepHandle]:
     """Close the current step; with ``wait`` return once every worker has applied its update."""
     return _current().close_step(wait, timeout)
+
+
+def set_training(mode: bool = True, workers: Optional[Sequence[Union[Worker, str]]] = None,
+                 timeout: Optional[float] = None) -> None:
+    """Switch every worker (or the given ones) to training or evaluation mode, as ``model.train(mode)``."""
+    if not isinstance(mode, bool):
+        raise E.ConfigError(f"mode must be True or False, got {mode!r}")
+    rt = _current()
+    if workers is None:
+        names = sorted(rt.workers)
+    else:
+        if isinstance(workers, (Worker, str)):
+            workers = [workers]
+        names = [w.name if isinstance(w, Worker) else w for w in workers]
+        if not all(isinstance(n, str) for n in names):
+            raise E.ConfigError("workers must be Worker handles or worker names")
+    rt.set_training(names, mode, timeout)
 
 
 @contextlib.contextmanager

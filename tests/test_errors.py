@@ -240,10 +240,11 @@ def test_malformed_message_is_a_decode_error_naming_the_worker(backend):
     lin, w, mse = model()
     rt = ag.api._current()
     w(torch.randn(2, 3)).value()
-    fut = rt.transport.request(w.name, rt.core.next_seq(w.name), b"\x92\x01definitely not a message")
     from actorgrad.core import codec, messages
 
-    reply = codec.decode(fut.result(timeout=30))
+    garbage = codec.Frame(b"\x92\x01definitely not a message", [])
+    fut = rt.transport.request(w.name, rt.core.next_seq(w.name), garbage)
+    reply = codec.decode_frame(fut.result(timeout=30))
     assert isinstance(reply, messages.Failure)
     err = E.from_info(reply.error)
     assert isinstance(err, E.DecodeError) and err.worker == w.name

@@ -32,7 +32,7 @@ import reprlib
 import struct
 from dataclasses import fields
 from functools import partial
-from typing import Any, Callable
+from typing import Any, Callable, Optional, Union
 
 import msgpack
 import torch
@@ -102,8 +102,10 @@ def tensor_buffer(t: torch.Tensor) -> tuple[str, list, Any, bool]:
         t, private = t.contiguous(), True
     if not t.numel():
         return name, list(t.shape), b"", True
-    # A view of the tensor's own memory: no copy here (see [Note: frame ownership]).
-    return name, list(t.shape), memoryview(t.reshape(-1).view(torch.uint8).numpy()), private
+    # A view of the tensor's own memory: no copy here (see [Note: frame ownership]). numpy has no
+    # bfloat16: that one is viewed as int16 (same bytes).
+    arr = t.view(torch.int16).numpy() if t.dtype is torch.bfloat16 else t.numpy()
+    return name, list(t.shape), memoryview(arr).cast("B"), private
 
 
 def tensor_from_bytes(dtype: Any, shape: Any, data: Any, owned: bool = False) -> torch.Tensor:
@@ -140,13 +142,13 @@ def tensor_from_bytes(dtype: Any, shape: Any, data: Any, owned: bool = False) ->
     if data.format != "B":
         data = data.cast("B")
     if owned and not data.readonly:
-        flat = torch.frombuffer(data, dtype=torch.uint8)
+        flat = torch.frombuffer(data, dtype=dt)
         if flat.data_ptr() % itemsize:  # a buffer at an odd offset (not laid out by Frame.to_bytes)
             flat = flat.clone()
     else:
         # One copy into memory the tensor owns: the sender's bytes may be immutable or still in use.
-        flat = torch.frombuffer(bytearray(data), dtype=torch.uint8)
-    return flat.view(dt).reshape(shape)
+        flat = torch.frombuffer(bytearray(data), dtype=dt)
+    return flat.reshape(shape)
 
 
 _MAX_TENSOR_BYTES = (1 << 63) - 1
@@ -155,13 +157,12 @@ _MAX_TENSOR_BYTES = (1 << 63) - 1
 class _Tensors:
     """One decode's buffers: each taken by exactly one tensor extension."""
 
-    __slots__ = ("buffers", "owned", "taken", "count")
+    __slots__ = ("buffers", "owned", "taken")
 
     def __init__(self, buffers: list, owned: bool) -> None:
         self.buffers = buffers
         self.owned = owned
-        self.taken = bytearray(len(buffers))
-        self.count = 0
+        self.taken: set[int] = set()
 
     def take(self, payload: bytes) -> torch.Tensor:
         """The tensor a header extension describes, built on its buffer."""
@@ -178,10 +179,9 @@ class _Tensors:
         index = hdr[2]
         if not _is_int(index) or not 0 <= index < len(self.buffers):
             raise DecodeError(f"tensor buffer {_brief(index)} does not exist (the frame has {len(self.buffers)})")
-        if self.taken[index]:
+        if index in self.taken:
             raise DecodeError(f"tensor buffer {index} is used twice")
-        self.taken[index] = 1
-        self.count += 1
+        self.taken.add(index)
         return tensor_from_bytes(hdr[0], hdr[1], self.buffers[index], self.owned)
 
 
@@ -189,6 +189,7 @@ class _Tensors:
 
 _FRAME_HEAD = struct.Struct("<II")  # envelope length, buffer count
 _PADDING = bytes(ALIGN)
+_COPY_ENVELOPE = 1 << 16
 
 
 class Frame:
@@ -201,7 +202,7 @@ class Frame:
 
     __slots__ = ("envelope", "buffers", "owned", "nbytes")
 
-    def __init__(self, envelope: bytes, buffers: list, owned: bool = False) -> None:
+    def __init__(self, envelope: Union[bytes, memoryview], buffers: list, owned: bool = False) -> None:
         self.envelope = envelope
         self.buffers = buffers
         self.owned = owned
@@ -272,7 +273,10 @@ class Frame:
             pos = end
         if pos != n:
             raise DecodeError(f"a frame has {n - pos} bytes after its last buffer")
-        return cls(bytes(view[table:table + n_env]), buffers, owned)
+        envelope = view[table:table + n_env]
+        # A small envelope is copied (scanning bytes is ~40% faster than a view); a large one is not, so
+        # that a hostile frame costs no second copy of itself before the scan refuses it.
+        return cls(bytes(envelope) if n_env <= _COPY_ENVELOPE else envelope, buffers, owned)
 
 
 # --- value trees -----------------------------------------------------------
@@ -666,17 +670,39 @@ def _edge(x: Any) -> tuple[int, int]:
     return (_int(x[0]), _int(x[1]))
 
 
+def _opt_int(x: Any) -> Optional[int]:
+    return None if x is None else _int(x)
+
+
+def _shape(x: Any) -> tuple[int, ...]:
+    if not isinstance(x, (list, tuple)) or len(x) > MAX_DIMS:
+        raise DecodeError(f"a shape must be a list of at most {MAX_DIMS} sizes")
+    out = tuple(_int(d) for d in x)
+    if any(d < 0 for d in out):
+        raise DecodeError(f"a shape has a negative size: {out}")
+    return out
+
+
+_output_meta = _record(m.OutputMeta, _shape, _str, _bool)
 _refspec = _record(m.RefSpec, _str, _int, _int, _bool)
 _expect = _record(m.Expect, _int, _int, _list_of(_edge))
 _seed = _record(m.SeedGrad, _int, _int, _int, _opt_tensor)
 _pair = _edge
 
+
+def _positions(x: Any) -> tuple[int, ...]:
+    """Forward.leaves: argument tensor positions, strictly increasing and >= 0 (the worker checks the upper bound)."""
+    out = _list_of(_int)(x)
+    if any(i < 0 for i in out) or any(a >= b for a, b in zip(out, out[1:])):
+        raise DecodeError(f"leaf positions must be increasing integers >= 0, got {_brief(x)}")
+    return out
+
 # One row per message type: wire code, class, a validator per field (in order).
 SCHEMA: dict[int, tuple[type, tuple[Callable[[Any], Any], ...]]] = {
-    1: (m.Forward, (_int, _int, _int, _tree, _dict, _list_of(_refspec), _bool)),
+    1: (m.Forward, (_int, _int, _int, _tree, _dict, _list_of(_refspec), _bool, _positions)),
     2: (m.Route, (_int, _int, _str, _int, _int)),
     3: (m.Value, (_int, _int, _int, _int, _tensor)),
-    4: (m.Plan, (_int, _int, _int, _list_of(_expect), _list_of(_seed))),
+    4: (m.Plan, (_int, _int, _int, _list_of(_expect), _list_of(_seed), _bool)),
     5: (m.Gradient, (_int, _int, _int, _int, _str, _int, _int, _opt_tensor)),
     6: (m.Close, (_int, _int, _list_of(_int), _list_of(_int), _list_of(_pair))),
     7: (m.Abort, (_int, _str)),
@@ -686,16 +712,20 @@ SCHEMA: dict[int, tuple[type, tuple[Callable[[Any], Any], ...]]] = {
     11: (m.Ack, (_int, _tree)),
     12: (m.Failure, (_int, _dict)),
     13: (m.Commit, (_int,)),
+    14: (m.ForwardDone, (_int, _bool, _list_of(_output_meta), _int)),
+    15: (m.CloseReady, (_int, _int, _int, _int, _bool, _int, _bool, _dict)),
+    16: (m.UpdateReport, (_int, _opt_int, _bool, _int, _dict)),
+    20: (m.Release, (_int, _int)),
 }
 _CODES = {cls: code for code, (cls, _) in SCHEMA.items()}
 
 
 # Fields that hold records or plain lists (not value trees): sent as nested lists.
-_STRUCT_FIELDS = {"refs", "expect", "seeds", "calls", "passes", "retain"}
+_STRUCT_FIELDS = {"refs", "expect", "seeds", "calls", "passes", "retain", "outputs"}
 
 
 def _plain(value: Any) -> Any:
-    if isinstance(value, (m.RefSpec, m.Expect, m.SeedGrad)):
+    if isinstance(value, (m.RefSpec, m.Expect, m.SeedGrad, m.OutputMeta)):
         return [_plain(getattr(value, f.name)) for f in fields(value)]
     if isinstance(value, (list, tuple)):
         return [_plain(v) for v in value]
@@ -733,7 +763,7 @@ def decode_frame(frame: Frame) -> m.Message:
     if not isinstance(frame, Frame):
         raise DecodeError(f"a message must be a Frame, got {type(frame).__name__}")
     data, buffers = frame.envelope, frame.buffers
-    if not isinstance(data, bytes):
+    if not isinstance(data, (bytes, memoryview)):
         raise DecodeError(f"an envelope must be bytes, got {type(data).__name__}")
     if len(buffers) > MAX_BUFFERS:
         raise DecodeError(f"a frame holds {len(buffers)} buffers (at most {MAX_BUFFERS})")
@@ -745,8 +775,8 @@ def decode_frame(frame: Frame) -> m.Message:
         raise
     except Exception as e:  # msgpack raises many types on bad input
         raise DecodeError(f"malformed message: {type(e).__name__}: {e}") from None
-    if tensors.count != len(buffers):
-        raise DecodeError(f"a frame holds {len(buffers) - tensors.count} buffers that no tensor uses")
+    if len(tensors.taken) != len(buffers):
+        raise DecodeError(f"a frame holds {len(buffers) - len(tensors.taken)} buffers that no tensor uses")
     if not isinstance(raw, list) or not raw:
         raise DecodeError("a message must be a non-empty list")
     code = raw[0]

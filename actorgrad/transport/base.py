@@ -1,7 +1,7 @@
 """The transport seam, and the Host loop that every transport runs a WorkerCore in.
 
-A transport moves encoded messages ("frames": sender, sequence number, bytes)
-between the caller and workers and between workers. The Host restores each
+A transport moves encoded messages (``codec.Frame``s, with their sender and
+sequence number) between the caller and workers and between workers. The Host restores each
 sender's order (Ray's async actors do not keep it), feeds messages to the core
 one at a time on a compute thread, so that the event loop keeps receiving
 while a module computes, and hands the core's outbox back to the transport.
@@ -14,7 +14,8 @@ import concurrent.futures as cf
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable, Optional, Protocol
+from dataclasses import dataclass
+from typing import Any, Callable, Optional, Protocol, Union
 
 from .. import errors as E
 from ..core import codec
@@ -52,28 +53,57 @@ def name_of(key: str) -> str:
     return base if sep and tail.isdigit() else key
 
 
+def _size(data: Data) -> int:
+    return data.nbytes if isinstance(data, codec.Frame) else len(data)
+
+
 _EXPIRE: Any = object()  # an inbox item: check the core's deadlines (see Host._sweep)
 
-SendFn = Callable[[str, str, int, bytes], None]  # (to, sender, seq, data)
-ReplyFn = Callable[[bytes], None]
+SendFn = Callable[[str, str, int, codec.Frame], None]  # (to, sender, seq, frame)
+ReplyFn = Callable[[codec.Frame], None]
+# What a transport hands a Host: a Frame, or its bytes (a bytearray is handed over: see Host.accept).
+Data = Union[codec.Frame, bytes, bytearray, memoryview]
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a backend can do, so that the runtime asks instead of checking its name."""
+
+    places_gpus: bool = False  # reserves GPUs per worker (device="cuda" needs num_gpus there)
+    placement_groups: bool = False  # ag.placement reserves bundles for several workers together
+    restarts_workers: bool = False  # a dead worker's process can be restarted (recovery)
+    zero_copy: bool = False  # tensor buffers of a Frame reach the receiver without a copy
 
 
 class Transport(Protocol):
-    """What the Runtime needs from a transport; one implementation per backend."""
+    """What the Runtime needs from a transport; one implementation per backend (see ``register_backend``)."""
 
     name: str
+    capabilities: Capabilities
 
     def spawn(self, spec: WorkerSpec, options: dict[str, Any]) -> Any:
         """Start a worker hosting ``spec``; return its backend handle (or None)."""
 
-    def post(self, worker: str, seq: int, data: bytes) -> None:
+    def notify(self, worker: str, seq: int, frame: codec.Frame) -> None:
         """Send a one-way message from the caller."""
 
-    def request(self, worker: str, seq: int, data: bytes) -> cf.Future:
-        """Send a request from the caller; the future yields the encoded reply."""
+    def request(self, worker: str, seq: int, frame: codec.Frame) -> cf.Future:
+        """Send a request from the caller; the future yields the reply's Frame, or raises an ActorgradError."""
 
-    def probe(self, worker: str, timeout: float) -> list[str]:
-        """Ask a worker what it still waits for (best effort, bounded by ``timeout``)."""
+    def probe(self, workers: list[str], timeout: float) -> dict[str, list[str]]:
+        """Ask workers at once what they still wait for; whatever answered within ``timeout``."""
+
+    def starting(self, worker: str) -> Optional[float]:
+        """Seconds a worker has been starting, or None once it runs (or is unknown)."""
+
+    def check_feasible(self, name: str, request: dict[str, float]) -> None:
+        """Raise PlacementError when no machine can ever hold what a worker asks for."""
+
+    def place_group(self, strategy: str, bundles: list[dict[str, float]], names: list[str], timeout: float) -> Any:
+        """Reserve one bundle per worker together; the handle goes into spawn's options."""
+
+    def reset(self, epoch: int, timeout: float) -> None:
+        """Wait for every worker to be alive and reset it into ``epoch`` (recovery, rewind)."""
 
     def kill(self, worker: str) -> None:
         """Stop one worker."""
@@ -99,7 +129,7 @@ class Host:
         self._loop = loop
         self._inbox: asyncio.Queue = asyncio.Queue()
         self._next_in: dict[str, int] = {}
-        self._held: dict[str, dict[int, tuple[bytes, Optional[ReplyFn], str]]] = {}
+        self._held: dict[str, dict[int, tuple[Data, Optional[ReplyFn], str]]] = {}
         self._held_bytes: dict[str, int] = {}
         self._next_out: dict[str, int] = {}
         self._replies: dict[int, ReplyFn] = {}
@@ -109,11 +139,12 @@ class Host:
         self.task = loop.create_task(self._run())
         self._sweeper = loop.create_task(self._sweep()) if core.deadline else None
 
-    def accept(self, sender: str, seq: int, data: bytes, reply: Optional[ReplyFn] = None) -> bool:
+    def accept(self, sender: str, seq: int, data: Data, reply: Optional[ReplyFn] = None) -> bool:
         """Take one frame (on the loop thread); release it once its predecessors have arrived.
 
-        False: the sender holds too many frames out of order here; they are dropped, and a channel
-        should close the sender's connection.
+        ``data`` is a Frame, or its bytes: a bytearray is the Host's from then on (tensors are built on
+        it without a copy), bytes and memoryviews are copied from. False: the sender holds too many
+        frames out of order here; they are dropped, and a channel should close the sender's connection.
         """
         # A sender already seen is of this epoch: the parse runs once per sender, not per frame.
         if sender not in self._next_in and epoch_of(sender) != self.epoch:
@@ -122,7 +153,7 @@ class Host:
             if reply is not None:  # a request would never be answered: say so at once
                 err = E.StepAborted("a request from another epoch of the runtime (before or after a recovery)",
                                     worker=self.name)
-                reply(codec.encode(m.Failure(-1, E.to_info(err))))
+                reply(codec.encode_frame(m.Failure(-1, E.to_info(err))))
             return True
         expected = self._next_in.get(sender, 0)
         if seq < expected:
@@ -134,11 +165,11 @@ class Host:
             return True
         held = self._held.setdefault(sender, {})
         if seq not in held:
-            self._held_bytes[sender] = self._held_bytes.get(sender, 0) + len(data)
+            self._held_bytes[sender] = self._held_bytes.get(sender, 0) + _size(data)
         held[seq] = (data, reply, sender)
         while expected in held:
             item = held.pop(expected)
-            self._held_bytes[sender] -= len(item[0])
+            self._held_bytes[sender] -= _size(item[0])
             self._inbox.put_nowait(item)
             expected += 1
         self._next_in[sender] = expected
@@ -202,13 +233,15 @@ class Host:
                 # let them go now, not when the next message arrives.
                 batch = []
 
-    def _decode(self, data: bytes, reply: Optional[ReplyFn], sender: str) -> Optional[m.Message]:
+    def _decode(self, data: Data, reply: Optional[ReplyFn], sender: str) -> Optional[m.Message]:
         try:
-            msg = codec.decode(data)
+            frame = data if isinstance(data, codec.Frame) else codec.Frame.from_bytes(
+                data, owned=isinstance(data, bytearray))
+            msg = codec.decode_frame(frame)
         except E.DecodeError as err:
             log.error("%s: dropped a malformed message from %s: %s", self.name, sender, err.message)
             if reply is not None:
-                reply(codec.encode(m.Failure(-1, E.to_info(E.DecodeError(err.message, worker=self.name)))))
+                reply(codec.encode_frame(m.Failure(-1, E.to_info(E.DecodeError(err.message, worker=self.name)))))
             return None
         peer = name_of(sender)
         if peer != CALLER and not (isinstance(msg, PEER_MESSAGES)
@@ -217,7 +250,7 @@ class Host:
             log.error("%s: dropped a %s from %s: only the caller may send it", self.name, type(msg).__name__, sender)
             if reply is not None:
                 err = E.DecodeError(f"a worker may not send a {type(msg).__name__}", worker=self.name)
-                reply(codec.encode(m.Failure(getattr(msg, "req", -1), E.to_info(err))))
+                reply(codec.encode_frame(m.Failure(getattr(msg, "req", -1), E.to_info(err))))
             return None
         if reply is not None:
             self._replies[getattr(msg, "req", -1)] = reply
@@ -252,12 +285,12 @@ class Host:
             self._cost = 0.8 * self._cost + 0.2 * cost
         return outs
 
-    async def _handle_batch(self, batch: list[tuple[bytes, Optional[ReplyFn], Optional[str]]]) -> None:
+    async def _handle_batch(self, batch: list[tuple[Data, Optional[ReplyFn], Optional[str]]]) -> None:
         msgs = []
         for data, reply, sender in batch:
             if data is _EXPIRE:
                 msg = data
-            elif len(data) >= DECODE_OFF_LOOP_BYTES:
+            elif _size(data) >= DECODE_OFF_LOOP_BYTES:
                 msg = await self._loop.run_in_executor(self._executor, self._decode, data, reply, sender)
             else:
                 msg = self._decode(data, reply, sender)
@@ -293,7 +326,8 @@ class Host:
             log.debug("%s: reply to unknown request %s dropped", self.name, getattr(msg, "req", None))
             return
         try:
-            fn(codec.encode(msg))
+            # Private: the reply may be read after the core has changed what it holds (a state's weights).
+            fn(codec.encode_frame(msg).private())
         except Exception:
             log.exception("%s: could not deliver a reply", self.name)
 
@@ -303,11 +337,12 @@ class Host:
         self._next_out[to] = seq + 1
         if self.core.tracer.enabled:
             self.core.tracer.instant("send", to=to, type=type(msg).__name__)
-        data = codec.encode(msg)
+        # Private: the core may change the tensor (an update) before the frame is read or written out.
+        frame = codec.encode_frame(msg).private()
         if to == self.name:
-            self.accept(self.sender, seq, data)
+            self.accept(self.sender, seq, frame)
         else:
-            self._send(to, self.sender, seq, data)
+            self._send(to, self.sender, seq, frame)
 
     def describe_missing(self) -> list[str]:
         """What the core still waits for; read from the loop thread, tolerant of races."""

@@ -1,4 +1,4 @@
-"""Direct channels: authenticated, length-prefixed msgpack frames over asyncio streams.
+"""Direct channels: authenticated, length-prefixed frames over asyncio streams.
 
 A worker serves a Unix socket (a socket file in a directory only its user can
 open, for peers on its node) and a TCP port on its node's address (for peers
@@ -17,15 +17,18 @@ for the handshake's short deadline. Frames are not encrypted (see the README's
 threat model).
 
 A frame is ``u32 envelope length, u32 data length``, the envelope msgpack
-``[kind, sender, seq, token]``, then the data itself (written as is: a large
-tensor is not packed a second time):
+``[kind, sender, seq, token]``, then the data: an encoded message
+(``codec.Frame.to_bytes`` layout), written as its parts one after the other, so
+a tensor's bytes go from its buffer to the socket without being joined; the
+receiver reads the data into one bytearray of its own, on which the message's
+tensors are then built without a copy:
 
 - ``MSG``: one message from ``sender`` with its per-channel ``seq``;
   ``token`` is None for one-way messages, or a number the reply will carry;
 - ``REPLY``: the encoded reply to the request with that ``token``.
 
 Each ordered pair of endpoints uses one stream, so frames arrive in order;
-the Host still checks ``seq``. Nothing here knows about Ray or messages.
+the Host still checks ``seq``. Nothing here knows about Ray or message types.
 """
 
 from __future__ import annotations
@@ -42,11 +45,16 @@ import struct
 import tempfile
 import time
 from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable, Optional
+from typing import Any, Awaitable, Callable, Optional, Union
 
 import msgpack
 
+from ..core.codec import Frame
+
 log = logging.getLogger("actorgrad.transport.channels")
+
+# A frame's data: an encoded message, or raw bytes (tests, and the channel layer itself knows no messages).
+Data = Union[Frame, bytes, bytearray, memoryview]
 
 MSG = 0
 REPLY = 1
@@ -136,10 +144,29 @@ class RateLimitedLog:
 _rlog = RateLimitedLog(log)
 
 
-def pack_frame(kind: int, sender: Optional[str], seq: int, token: Optional[int], data: bytes) -> list[bytes]:
-    """One frame as buffers to write one after the other (``writelines``)."""
+def pack_frame(kind: int, sender: Optional[str], seq: int, token: Optional[int], data: Data) -> list:
+    """One frame as buffers to write one after the other (``writelines``); ``data`` is bytes or a Frame."""
     env = msgpack.packb([kind, sender, seq, token], use_bin_type=True)
+    if isinstance(data, Frame):
+        parts = data.parts()
+        return [_HEADER.pack(len(env), sum(map(len, parts))), env, *parts]
     return [_HEADER.pack(len(env), len(data)), env, data]
+
+
+async def _read_owned(reader: asyncio.StreamReader, n: int) -> Optional[bytearray]:
+    """The next ``n`` bytes in a bytearray of their own, or None if the stream ends first."""
+    # Grown as data arrives (not allocated from the declared length), and handed to the receiver, which
+    # builds tensors on it: the one copy out of the stream's buffer is the only one on this side.
+    out = bytearray()
+    while len(out) < n:
+        try:
+            chunk = await reader.read(n - len(out))
+        except ConnectionError:
+            return None
+        if not chunk:
+            return None
+        out += chunk
+    return out
 
 
 async def read_frame(reader: asyncio.StreamReader, max_frame: int = DEFAULT_MAX_FRAME) -> Optional[list]:
@@ -154,8 +181,10 @@ async def read_frame(reader: asyncio.StreamReader, max_frame: int = DEFAULT_MAX_
                          "ACTORGRAD_MAX_FRAME_BYTES raises the limit)")
     try:
         env = await reader.readexactly(n_env)
-        data = await reader.readexactly(n_data)
     except (asyncio.IncompleteReadError, ConnectionError):
+        return None
+    data = await _read_owned(reader, n_data)
+    if data is None:
         return None
     try:
         # A small envelope: msgpack's own limits keep a hostile one from costing more than its size.
@@ -246,9 +275,10 @@ def _private_unix_path(tag: str) -> tuple[str, str]:
     return directory, os.path.join(directory, f"{safe}.sock")
 
 
-# A hook for a frame: the sender (already checked against the connection's identity), seq, data and
-# the reply function; returns False when the frame must close the connection (e.g. a bound exceeded).
-AcceptFn = Callable[[str, int, bytes, Optional[Callable[[bytes], None]]], Optional[bool]]
+# A hook for a frame: the sender (already checked against the connection's identity), seq, data (a
+# bytearray the hook may keep) and the reply function; returns False when the frame must close the
+# connection (e.g. a bound exceeded).
+AcceptFn = Callable[[str, int, bytearray, Optional[Callable[[Data], None]]], Optional[bool]]
 GoneFn = Callable[[str], None]
 
 
@@ -342,8 +372,8 @@ class ChannelServer:
 
     async def _frames(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, identity: str,
                       senders: set[str]) -> None:
-        def replier(token: int) -> Callable[[bytes], None]:
-            def reply(data: bytes) -> None:
+        def replier(token: int) -> Callable[[Data], None]:
+            def reply(data: Data) -> None:
                 if not writer.is_closing():
                     writer.writelines(pack_frame(REPLY, None, 0, token, data))
 
@@ -389,7 +419,7 @@ class Channel:
 
     def __init__(self, loop: asyncio.AbstractEventLoop, name: str,
                  resolve: Callable[[], Awaitable[dict[str, Any]]], my_node: str, config: ChannelConfig,
-                 identity: str, on_reply: Optional[Callable[[int, bytes], None]] = None,
+                 identity: str, on_reply: Optional[Callable[[int, bytearray], None]] = None,
                  on_lost: Optional[Callable[[str], None]] = None) -> None:
         self.name = name
         self._loop = loop
@@ -400,11 +430,11 @@ class Channel:
         self._on_reply = on_reply
         self._on_lost = on_lost
         self._writer: Optional[asyncio.StreamWriter] = None
-        self._queue: list[list[bytes]] = []
+        self._queue: list[list] = []
         self.failed: Optional[str] = None
         self._task = loop.create_task(self._connect())
 
-    def send(self, frame: list[bytes]) -> None:
+    def send(self, frame: list) -> None:
         """Write a frame (on the loop thread), or queue it until connected."""
         if self.failed is not None:
             return

@@ -2,6 +2,9 @@
 
 The reference behaviour: the same WorkerCore and Host as on Ray, the same
 encoded messages, so results match bit for bit; only the delivery differs.
+A frame is handed over as an object: its tensors' bytes are copied once, when
+it leaves its sender (``Frame.private``), and the receiver builds its tensors on
+that copy.
 """
 
 from __future__ import annotations
@@ -11,19 +14,25 @@ import concurrent.futures as cf
 import copy
 import logging
 import threading
-from typing import Any
+from typing import Any, Callable, Optional, TypeVar
 
 from .. import errors as E
+from ..core import codec
 from ..core.worker import WorkerCore, WorkerSpec
-from .base import CALLER, Host, epoch_of, sender_key
+from .base import CALLER, Capabilities, Host, epoch_of, sender_key
 
 log = logging.getLogger("actorgrad.transport.local")
+
+T = TypeVar("T")
 
 
 class LocalTransport:
     """All workers in this process; calls return at once and deadlines hold."""
 
     name = "local"
+    # No copy-free handover: a frame's buffers are views of its sender's tensors, which the sender may
+    # change before the receiver reads them (an optimizer step, a user reusing an input).
+    capabilities = Capabilities()
 
     def __init__(self) -> None:
         self._loop = asyncio.new_event_loop()
@@ -32,8 +41,8 @@ class LocalTransport:
         self._hosts: dict[str, Host] = {}
         self.caller = CALLER  # the sender field of our frames; changes with each recovery epoch
 
-    def _call(self, fn, *args, timeout: float = 30.0):
-        async def run():
+    def _call(self, fn: Callable[..., T], *args: Any, timeout: float = 30.0) -> T:
+        async def run() -> T:
             return fn(*args)
 
         return asyncio.run_coroutine_threadsafe(run(), self._loop).result(timeout)
@@ -50,12 +59,13 @@ class LocalTransport:
         self._call(make)
         return None
 
-    def _deliver(self, to: str, sender: str, seq: int, data: bytes) -> None:
+    def _deliver(self, to: str, sender: str, seq: int, frame: codec.Frame) -> None:
+        # Hosts send private frames: the receiver may build its tensors on them.
         host = self._hosts.get(to)
         if host is None:
             log.error("message from %s to unknown worker %s dropped", sender, to)
             return
-        host.accept(sender, seq, data)
+        host.accept(sender, seq, frame)
 
     def _host(self, worker: str) -> Host:
         host = self._hosts.get(worker)
@@ -63,32 +73,49 @@ class LocalTransport:
             raise E.WorkerDied("the worker is not running", worker=worker)
         return host
 
-    def post(self, worker: str, seq: int, data: bytes) -> None:
+    def notify(self, worker: str, seq: int, frame: codec.Frame) -> None:
         """Send a one-way message from the caller."""
         host = self._host(worker)
-        self._loop.call_soon_threadsafe(host.accept, self.caller, seq, data)
+        # The copy now, on the caller's thread: the caller's tensors may change once this returns.
+        self._loop.call_soon_threadsafe(host.accept, self.caller, seq, frame.private())
 
-    def request(self, worker: str, seq: int, data: bytes) -> cf.Future:
-        """Send a request from the caller; the future yields the encoded reply."""
+
+    def request(self, worker: str, seq: int, frame: codec.Frame) -> cf.Future:
+        """Send a request from the caller; the future yields the reply's Frame."""
         host = self._host(worker)
         fut: cf.Future = cf.Future()
 
-        def reply(payload: bytes) -> None:
+        def reply(answer: codec.Frame) -> None:
             if not fut.done():
-                fut.set_result(payload)
+                fut.set_result(answer)
 
-        self._loop.call_soon_threadsafe(host.accept, self.caller, seq, data, reply)
+        self._loop.call_soon_threadsafe(host.accept, self.caller, seq, frame.private(), reply)
         return fut
 
-    def probe(self, worker: str, timeout: float) -> list[str]:
-        """Ask a worker what it still waits for."""
-        host = self._hosts.get(worker)
-        if host is None:
-            return ["(not running)"]
+    def probe(self, workers: list[str], timeout: float) -> dict[str, list[str]]:
+        """Ask workers what they still wait for, all in one turn of the loop; a loop that does not
+        answer within ``timeout`` gives each one a line saying so."""
+
+        def ask() -> dict[str, list[str]]:
+            return {w: self._hosts[w].describe_missing() if w in self._hosts else ["(not running)"]
+                    for w in workers}
+
         try:
-            return self._call(host.describe_missing, timeout=timeout)
-        except Exception as exc:
-            return [f"(no answer: {exc!r})"]
+            return self._call(ask, timeout=timeout)
+        except Exception as exc:  # the loop is busy (a module computing inline) or stopped
+            why = f"no answer within {timeout:g}s" if isinstance(exc, cf.TimeoutError) else f"no answer: {exc!r}"
+            return {w: [f"({why})"] for w in workers}
+
+    def starting(self, worker: str) -> Optional[float]:
+        """None: a local worker runs as soon as spawn returns."""
+        return None
+
+    def check_feasible(self, name: str, request: dict[str, float]) -> None:
+        """Nothing to check: resources are Ray's to reserve (device="cuda" is checked by the runtime)."""
+
+    def place_group(self, strategy: str, bundles: list[dict[str, float]], names: list[str], timeout: float) -> Any:
+        """Nothing to reserve: every worker runs in this process (``capabilities.placement_groups`` is False)."""
+        return None
 
     def reset(self, epoch: int, timeout: float) -> None:
         """Recovery: reset every worker into ``epoch`` (frames of earlier epochs are dropped)."""

@@ -6,8 +6,8 @@ TCP port whose address the others learn through Ray, and the caller keeps one
 connection per worker on an IO thread; a connection that drops fails every
 request waiting on it with WorkerDied. With ``channels=False`` (or when a
 channel cannot be opened) messages go as fire-and-forget actor calls
-(``deliver``) and requests as actor calls instead. This is the only module
-that imports Ray.
+(``deliver``) and requests as actor calls instead, each frame as one bytes
+object (``Frame.to_bytes``). This is the only module that imports Ray.
 """
 
 from __future__ import annotations
@@ -27,9 +27,10 @@ import ray
 import ray.exceptions
 
 from .. import errors as E
+from ..core import codec
 from ..core.worker import WorkerCore, WorkerSpec
 from . import death
-from .base import CALLER, Host, epoch_of, sender_key
+from .base import CALLER, Capabilities, Data, Host, ReplyFn, epoch_of, sender_key
 from .channels import MSG, Channel, ChannelConfig, ChannelServer, pack_frame
 
 log = logging.getLogger("actorgrad.transport.ray")
@@ -66,7 +67,7 @@ class RayHost:
             self._host = Host(self._core, self._send, asyncio.get_running_loop(), inline=True, epoch=self._epoch)
         return self._host
 
-    def _accept(self, sender: str, seq: int, data: bytes, reply: Any = None) -> bool:
+    def _accept(self, sender: str, seq: int, data: Data, reply: Optional[ReplyFn] = None) -> bool:
         return self._ensure_host().accept(sender, seq, data, reply)
 
     def _sender_gone(self, sender: str) -> None:
@@ -107,7 +108,7 @@ class RayHost:
             self._peers[to] = peer
         return peer
 
-    def _send(self, to: str, sender: str, seq: int, data: bytes) -> None:
+    def _send(self, to: str, sender: str, seq: int, frame: codec.Frame) -> None:
         if self._server is not None:  # channels are on: the caller asked for our address
             ch = self._channels.get(to)
             if ch is None:
@@ -116,7 +117,7 @@ class RayHost:
                              self._config, identity=self._core.name)
                 self._channels[to] = ch
             if ch.failed is None:
-                ch.send(pack_frame(MSG, sender, seq, None, data))
+                ch.send(pack_frame(MSG, sender, seq, None, frame))
                 return
             log.warning("%s: channel to %s failed (%s); using a Ray call", sender, to, ch.failed)
         peer = self._peers.get(to)
@@ -127,19 +128,19 @@ class RayHost:
                 log.error("%s: no worker named %s; message dropped", sender, to)
                 return
             self._peers[to] = peer
-        peer.deliver.remote(sender, seq, data)
+        peer.deliver.remote(sender, seq, frame.to_bytes())
 
     async def deliver(self, sender: str, seq: int, data: bytes) -> None:
-        """A one-way frame from a peer or the caller."""
+        """A one-way frame (its bytes) from a peer or the caller."""
         self._ensure_host().accept(sender, seq, data)
 
     async def request(self, sender: str, seq: int, data: bytes) -> bytes:
-        """A frame that expects a reply; returns the encoded reply."""
+        """A frame (its bytes) that expects a reply; returns the reply's bytes."""
         fut = asyncio.get_running_loop().create_future()
 
-        def reply(payload: bytes) -> None:
+        def reply(answer: codec.Frame) -> None:
             if not fut.done():
-                fut.set_result(payload)
+                fut.set_result(answer.to_bytes())
 
         self._ensure_host().accept(sender, seq, data, reply)
         return await fut
@@ -183,6 +184,16 @@ def _identity(_host: Any) -> dict:
     ctx = ray.get_runtime_context()
     return {"pid": os.getpid(), "worker_id": ctx.get_worker_id(), "node_id": ctx.get_node_id(),
             "ip": ray.util.get_node_ip_address()}
+
+
+def _resolve(fut: cf.Future, worker: str, data: Any, owned: bool) -> None:
+    """Complete a request's future with the reply's Frame, or a DecodeError naming the worker."""
+    try:
+        frame = codec.Frame.from_bytes(data, owned=owned)
+    except E.DecodeError as err:
+        fut.set_exception(E.DecodeError(f"a malformed reply: {err.message}", worker=worker))
+        return
+    fut.set_result(frame)
 
 
 def _ray_death_text(actor_id: Optional[str], ident: dict) -> Optional[str]:
@@ -270,6 +281,8 @@ class RayTransport:
     """Workers as Ray actors in a namespace of their own."""
 
     name = "ray"
+    # Frames cross processes: the receiver's buffer is a copy read from a socket (or Ray's bytes).
+    capabilities = Capabilities(places_gpus=True, placement_groups=True, restarts_workers=True)
 
     def __init__(self, address: Optional[str] = None, channels: Optional[bool] = None, **ray_kwargs: Any) -> None:
         self.started_ray = False
@@ -309,7 +322,7 @@ class RayTransport:
         self._death_lock = threading.Lock()
         self._io: Optional[asyncio.AbstractEventLoop] = None
         # Frames from the caller thread, flushed by the IO thread: one wake-up per burst, not per frame.
-        self._outq: list[tuple[str, int, Optional[int], bytes, str]] = []
+        self._outq: list[tuple[str, int, Optional[int], codec.Frame, str]] = []
         self._outq_lock = threading.Lock()
         self._flush_scheduled = False
         self.caller = CALLER  # the sender field of our frames; changes with each recovery epoch
@@ -549,10 +562,10 @@ class RayTransport:
                 self._open_channel(name, self._actors[name])
         log.warning("recovery: %d workers reset into epoch %d", len(names), epoch)
 
-    def _on_reply(self, worker: str, token: int, data: bytes) -> None:
+    def _on_reply(self, worker: str, token: int, data: bytearray) -> None:
         fut = self._waiting.get(worker, {}).pop(token, None)
         if fut is not None and not fut.done():
-            fut.set_result(data)
+            _resolve(fut, worker, data, owned=True)
 
     def _known_death(self, worker: str) -> str:
         """' (<why it died>)' when a finished lookup knows, else ''."""
@@ -588,9 +601,12 @@ class RayTransport:
         # The channel dropped before Ray knew why: ask it (bounded) off this thread, then fail the requests.
         self._explain_death(worker).add_done_callback(fail)
 
-    def _enqueue(self, worker: str, seq: int, token: Optional[int], data: bytes) -> None:
+    def _enqueue(self, worker: str, seq: int, token: Optional[int], frame: codec.Frame) -> None:
+        # The copy now, on the caller's thread: the IO thread writes the frame out later, and the
+        # caller's tensors may change once notify/request return.
+        frame = frame.private()
         with self._outq_lock:
-            self._outq.append((worker, seq, token, data, self.caller))
+            self._outq.append((worker, seq, token, frame, self.caller))
             if self._flush_scheduled:
                 return
             self._flush_scheduled = True
@@ -601,16 +617,16 @@ class RayTransport:
         with self._outq_lock:
             frames, self._outq = self._outq, []
             self._flush_scheduled = False
-        for worker, seq, token, data, key in frames:
-            self._channel_send(worker, seq, token, data, key)
+        for worker, seq, token, frame, key in frames:
+            self._channel_send(worker, seq, token, frame, key)
 
-    def _channel_send(self, worker: str, seq: int, token: Optional[int], data: bytes, key: str) -> None:
+    def _channel_send(self, worker: str, seq: int, token: Optional[int], frame: codec.Frame, key: str) -> None:
         ch = self._chans.get(worker)
         if ch is None or ch.failed is not None:
             if token is not None:
                 self._on_lost(worker, ch.failed if ch is not None else "no channel")
             return
-        ch.send(pack_frame(MSG, key, seq, token, data))
+        ch.send(pack_frame(MSG, key, seq, token, frame))
 
     def _actor(self, worker: str) -> Any:
         actor = self._actors.get(worker)
@@ -618,29 +634,29 @@ class RayTransport:
             raise E.WorkerDied("the worker is not running", worker=worker)
         return actor
 
-    def post(self, worker: str, seq: int, data: bytes) -> None:
+    def notify(self, worker: str, seq: int, frame: codec.Frame) -> None:
         """Send a one-way message from the caller."""
         actor = self._actor(worker)
         if self._io is not None:
-            self._enqueue(worker, seq, None, data)
+            self._enqueue(worker, seq, None, frame)
             return
-        actor.deliver.remote(self.caller, seq, data)
+        actor.deliver.remote(self.caller, seq, frame.to_bytes())
 
-    def request(self, worker: str, seq: int, data: bytes) -> cf.Future:
-        """Send a request; the future yields the encoded reply or raises WorkerDied."""
+    def request(self, worker: str, seq: int, frame: codec.Frame) -> cf.Future:
+        """Send a request; the future yields the reply's Frame or raises WorkerDied."""
         actor = self._actor(worker)
         if self._io is not None:
             token = next(self._tokens)
             fut: cf.Future = cf.Future()
             self._waiting[worker][token] = fut
-            self._enqueue(worker, seq, token, data)
+            self._enqueue(worker, seq, token, frame)
             return fut
-        ref = actor.request.remote(self.caller, seq, data)
+        ref = actor.request.remote(self.caller, seq, frame.to_bytes())
         out: cf.Future = cf.Future()
 
         def done(f: cf.Future) -> None:
             try:
-                out.set_result(f.result())
+                data = f.result()
             except ray.exceptions.RayActorError as exc:
                 # A dead actor's error carries Ray's cause; a restarting one's does not: ask Ray.
                 why = death.describe(getattr(exc, "error_msg", None) or str(exc))
@@ -649,28 +665,50 @@ class RayTransport:
                     return
                 self._explain_death(worker).add_done_callback(lambda lookup: out.set_exception(E.WorkerDied(
                     f"the worker's process died: {lookup.result() or f'{death.GENERIC} ({exc})'}", worker=worker)))
+                return
             except Exception as exc:  # Ray-level failure on the way
                 out.set_exception(E.WorkerError(f"Ray could not deliver the request: {exc}", worker=worker))
+                return
+            _resolve(out, worker, data, owned=False)
 
         ref.future().add_done_callback(done)
         return out
 
-    def probe(self, worker: str, timeout: float) -> list[str]:
-        """Ask a worker what it still waits for (bounded by ``timeout``)."""
-        started = self.starting(worker)
-        if started is not None:
-            # Its constructor has not run yet: nothing of any step can have reached it.
-            return [f"still starting ({started:.1f}s so far): Ray is placing its process, or the process is "
-                    "importing torch and unpickling the module"]
-        try:
-            return ray.get(self._actor(worker).probe.remote(), timeout=timeout)
-        except ray.exceptions.GetTimeoutError:
-            return [f"(no answer within {timeout:g}s: its event loop is busy or stuck)"]
-        except ray.exceptions.RayActorError as exc:
-            why = death.describe(getattr(exc, "error_msg", None) or str(exc)) or death.GENERIC
-            return [f"(no answer: {why})"]
-        except Exception as exc:
-            return [f"(no answer: {type(exc).__name__})"]
+    def probe(self, workers: list[str], timeout: float) -> dict[str, list[str]]:
+        """Ask every worker at once what it still waits for; one wait bounded by ``timeout`` for all.
+
+        A worker that did not answer in time gets one line saying so (it is never left out).
+        """
+        out: dict[str, list[str]] = {}
+        asked: dict[Any, str] = {}
+        for worker in workers:
+            started = self.starting(worker)
+            if started is not None:
+                # Its constructor has not run yet: nothing of any step can have reached it.
+                out[worker] = [f"still starting ({started:.1f}s so far): Ray is placing its process, or the "
+                               "process is importing torch and unpickling the module"]
+            elif worker not in self._actors:
+                out[worker] = ["(not running)"]
+            else:
+                asked[self._actors[worker].probe.remote()] = worker
+        ready: list = []
+        if asked:
+            try:
+                ready, _ = ray.wait(list(asked), num_returns=len(asked), timeout=timeout)
+            except Exception as exc:  # Ray itself failing: every worker gets the reason
+                log.debug("probe wait failed: %r", exc)
+        for ref in ready:
+            worker = asked.pop(ref)
+            try:
+                out[worker] = ray.get(ref, timeout=0)
+            except ray.exceptions.RayActorError as exc:
+                why = death.describe(getattr(exc, "error_msg", None) or str(exc)) or death.GENERIC
+                out[worker] = [f"(no answer: {why})"]
+            except Exception as exc:
+                out[worker] = [f"(no answer: {type(exc).__name__})"]
+        for worker in asked.values():
+            out[worker] = [f"(no answer within {timeout:g}s: its event loop is busy or stuck)"]
+        return out
 
     def kill(self, worker: str) -> None:
         """Stop one worker."""

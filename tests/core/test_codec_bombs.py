@@ -27,6 +27,11 @@ def _ext(code: int, payload: bytes) -> bytes:
     return msgpack.packb(msgpack.ExtType(code, payload))
 
 
+def framed(envelope: bytes, *buffers: bytes) -> bytes:
+    """An envelope (and tensor buffers) in the Frame byte layout: what a transport hands the decoder."""
+    return codec.Frame(envelope, list(buffers)).to_bytes()
+
+
 def nested_tuples(depth: int, leaf: bytes = b"\x00") -> bytes:
     """An Ack whose data is ``depth`` tuple extensions around ``leaf``: each one re-enters msgpack."""
     inner = leaf
@@ -55,7 +60,7 @@ _CHILD = textwrap.dedent("""
     import sys
     from actorgrad.core import codec
     from actorgrad.errors import DecodeError
-    from tests.core.test_codec_bombs import nested_arrays, nested_maps, nested_tuples
+    from tests.core.test_codec_bombs import framed, nested_arrays, nested_maps, nested_tuples
     for name, frame in [
         ("tuples 64", nested_tuples(64)), ("tuples 65", nested_tuples(65)),
         ("tuples 195", nested_tuples(195)), ("tuples 10000", nested_tuples(10000)),
@@ -64,7 +69,7 @@ _CHILD = textwrap.dedent("""
         ("maps 65", nested_maps(65)), ("maps 10000", nested_maps(10000)),
     ]:
         try:
-            codec.decode(frame)
+            codec.decode(framed(frame))
             print(name, len(frame), "decoded", flush=True)
         except DecodeError as e:
             print(name, len(frame), "DecodeError", e.message, flush=True)
@@ -90,19 +95,19 @@ def test_extensions_that_wrap_extensions_are_refused_before_reentering_msgpack()
     for _ in range(10000):
         inner = _ext(3, inner)
     with pytest.raises(DecodeError, match="a tuple must be packed as a list"):
-        codec.decode(ACK + inner)
+        codec.decode(framed(ACK + inner))
     inner = b"\x00"
     for _ in range(1000):
         inner = _ext(2, inner)
     with pytest.raises(DecodeError, match="input slot must hold exactly one integer"):
-        codec.decode(ACK + inner)
+        codec.decode(framed(ACK + inner))
 
 
 @pytest.mark.parametrize("make, depth", [(nested_tuples, 64), (nested_arrays, 64), (nested_maps, 64)])
 def test_depth_limit_is_the_same_for_encode_and_decode(make, depth):
-    assert isinstance(codec.decode(make(depth)), m.Ack)
+    assert isinstance(codec.decode(framed(make(depth))), m.Ack)
     with pytest.raises(DecodeError, match="nested too deeply"):
-        codec.decode(make(depth + 1))
+        codec.decode(framed(make(depth + 1)))
     # The encoder refuses exactly what the decoder refuses, and says so with TypeError.
     for kind in (list, tuple, dict):
         value = 0
@@ -135,8 +140,9 @@ def test_encoding_a_very_deep_value_raises_type_error_not_recursion_error():
 
 
 def test_decode_runs_on_many_threads_at_once():
-    frames = [(nested_tuples(64), True), (nested_tuples(65), False), (nested_arrays(64), True),
-              (repeated(b"\x80", 4096), True), (nested_maps(70), False)]
+    frames = [(framed(nested_tuples(64)), True), (framed(nested_tuples(65)), False),
+              (framed(nested_arrays(64)), True), (framed(repeated(b"\x80", 4096)), True),
+              (framed(nested_maps(70)), False)]
     errors: list = []
 
     def work() -> None:
@@ -171,10 +177,10 @@ def test_element_budget_is_enforced_on_both_sides(monkeypatch):
     with pytest.raises(DecodeError, match="MAX_ELEMENTS"):
         codec.decode(codec.encode(m.Ack(1, big)))
     with pytest.raises(DecodeError, match="at most 1000 values.*MAX_ELEMENTS"):
-        codec.decode(msgpack.packb([11, 1, big]))
+        codec.decode(framed(msgpack.packb([11, 1, big])))
     # Map keys count too.
     with pytest.raises(DecodeError, match="at most 1000 values"):
-        codec.decode(msgpack.packb([11, 1, {i: None for i in range(600)}]))
+        codec.decode(framed(msgpack.packb([11, 1, {i: None for i in range(600)}])))
     with pytest.raises(TypeError, match="at most 1000 values"):
         codec.check_value_tree({i: None for i in range(600)})
 
@@ -191,18 +197,19 @@ def _peak_during(fn) -> tuple[int, object]:
         tracemalloc.stop()
 
 
-def _bound(frame: bytes) -> int:
+def _bound(frame: bytes, buffers: int = 0) -> int:
     # Decoded objects: at most 256 bytes per value (measured: a tiny tensor ~230, a one-entry dict holding
     # an empty dict ~100 for 3 bytes of frame, an empty dict ~73, a 2-char str ~60), and no more values
-    # than bytes or than the budget; byte strings and tensor data: the copy msgpack hands the extension
-    # hook plus the tensor's own memory (2x the frame); 256 KiB for everything else.
-    return 256 * min(len(frame), codec.MAX_ELEMENTS) + 2 * len(frame) + 256 * 1024
+    # than bytes or than the budget; 256 more per tensor buffer (its view, ~190, bounded by MAX_BUFFERS);
+    # byte strings and tensor data: the envelope's copy plus the tensor's own memory (2x the frame);
+    # 256 KiB for everything else.
+    return 256 * min(len(frame), codec.MAX_ELEMENTS) + 256 * buffers + 2 * len(frame) + 256 * 1024
 
 
 @pytest.mark.parametrize("size", [16 * MiB, 1 * MiB])
 def test_map_expansion_bomb_is_refused_before_building_anything(size, monkeypatch):
     # 16 MiB of empty maps used to cost 1.1 GiB and 13 s; it announces more values than the budget.
-    frame = repeated(b"\x80", size + 8 * 1024)  # just past the budget at 1 MiB
+    frame = framed(repeated(b"\x80", size + 8 * 1024))  # just past the budget at 1 MiB
     peak, result = _peak_during(lambda: codec.decode(frame))
     assert isinstance(result, DecodeError) and "MAX_ELEMENTS" in result.message
     assert peak <= MiB, peak
@@ -211,7 +218,7 @@ def test_map_expansion_bomb_is_refused_before_building_anything(size, monkeypatc
     # the scan's integer arithmetic slow.)
     monkeypatch.setattr(codec, "MAX_ELEMENTS", 1 << 16)
     n = size // 16
-    frame = ACK + b"\xdd" + struct.pack("!I", n) + (b"\x9f" + b"\x80" * 15) * n
+    frame = framed(ACK + b"\xdd" + struct.pack("!I", n) + (b"\x9f" + b"\x80" * 15) * n)
     peak, result = _peak_during(lambda: codec.decode(frame))
     assert isinstance(result, DecodeError), result
     assert peak <= MiB, peak
@@ -229,8 +236,8 @@ _WORST_ITEMS = {
     "floats": (b"\xca" + struct.pack("!f", 1.5), 1),
     "1-tuples": (_ext(3, b"\x91\x00"), 2),
     "slots": (_ext(2, b"\x05"), 1),
-    "tiny tensors": (_ext(1, codec.tensor_payload("uint8", [1], b"\x01")), 1),
-    "empty tensors": (_ext(1, codec.tensor_payload("uint8", [0], b"")), 1),
+    "tiny tensors": (_ext(1, codec.tensor_header("uint8", [1], 0)), 1),
+    "empty tensors": (_ext(1, codec.tensor_header("uint8", [0], 0)), 1),
     "duplicate keys": (None, 2),
 }
 
@@ -243,14 +250,20 @@ def test_decode_memory_is_bounded_for_the_worst_frames(name, monkeypatch):
     item, values = _WORST_ITEMS[name]
     n = (1 << 14) // values - 16  # just within the budget
     if item is None:
-        frame = ACK + b"\xdf" + struct.pack("!I", n) + b"\x00\x00" * n
+        frame = framed(ACK + b"\xdf" + struct.pack("!I", n) + b"\x00\x00" * n)
+    elif name.endswith("tensors"):  # each tensor has a buffer of its own
+        dtype, shape, size = ("uint8", [1], 1) if name == "tiny tensors" else ("uint8", [0], 0)
+        frame = framed(ACK + b"\xdd" + struct.pack("!I", n)
+                       + b"".join(_ext(1, codec.tensor_header(dtype, shape, i)) for i in range(n)),
+                       *[b"\x01" * size] * n)
     else:
-        frame = ACK + b"\xdd" + struct.pack("!I", n) + item * n
+        frame = framed(ACK + b"\xdd" + struct.pack("!I", n) + item * n)
     peak, result = _peak_during(lambda: codec.decode(frame))
     assert isinstance(result, m.Ack), result
-    assert peak <= _bound(frame), (name, peak, len(frame), peak / len(frame))
+    buffers = n if name.endswith("tensors") else 0
+    assert peak <= _bound(frame, buffers), (name, peak, len(frame), peak / len(frame))
     # A frame twice the budget is refused, and costs nothing.
-    twice = repeated(item or b"\x00", 2 * len(frame) + 1024)
+    twice = framed(repeated(item or b"\x00", 2 * len(frame) + 1024))
     peak, result = _peak_during(lambda: codec.decode(twice))
     assert isinstance(result, DecodeError) and "MAX_ELEMENTS" in result.message, result
     assert peak <= MiB
@@ -294,6 +307,7 @@ _SHORT = [
 
 @pytest.mark.parametrize("frame", _SHORT, ids=range(len(_SHORT)))
 def test_declared_lengths_and_bad_extensions_are_refused_cheaply(frame):
+    frame = framed(frame)
     peak, result = _peak_during(lambda: codec.decode(frame))
     assert isinstance(result, DecodeError), result
     assert peak <= 256 * 1024
@@ -302,11 +316,10 @@ def test_declared_lengths_and_bad_extensions_are_refused_cheaply(frame):
 @pytest.mark.parametrize("shape", [[0, 2**64 - 1], [0, 2**62, 2**62], [2**64 - 1, 2**64 - 1], [2**32] * 32,
                                    [0] * 33, [3, 0, 2**63]])
 def test_tensor_shapes_that_overflow_are_decode_errors(shape):
-    payload = codec.tensor_payload("float64", shape, b"")
     with pytest.raises(DecodeError):
-        codec.tensor_from_payload(payload)
+        codec.tensor_from_bytes("float64", shape, b"")
     with pytest.raises(DecodeError):
-        codec.decode(ACK + _ext(1, payload))
+        codec.decode(framed(ACK + _ext(1, codec.tensor_header("float64", shape, 0)), b""))
 
 
 def test_many_tiny_tensors_decode():
@@ -322,9 +335,10 @@ def test_values_the_decoder_refuses_are_refused_before_sending():
 
 def test_error_messages_stay_short_for_huge_values():
     refs = [[torch.zeros(1)] * 5000]
-    frame = msgpack.packb([1, 1, 2, 3, [], {}, [refs[0]], True], default=codec._default)
+    packer = codec._Packer()
+    envelope = packer.packb([1, 1, 2, 3, [], {}, [refs[0]], True])
     with pytest.raises(DecodeError) as info:
-        codec.decode(frame)
+        codec.decode(framed(envelope, *packer.buffers))
     assert len(str(info.value)) < 400
 
 
@@ -349,7 +363,7 @@ def _bomb() -> st.SearchStrategy[bytes]:
 @given(_bomb())
 def test_generated_bombs_only_ever_raise_decode_error(frame):
     try:
-        msg = codec.decode(frame)
+        msg = codec.decode(framed(frame))
     except DecodeError:
         return
     assert type(msg) in {cls for cls, _ in codec.SCHEMA.values()}
