@@ -105,6 +105,7 @@ class StepRecord:
     landing: set[str] = field(default_factory=set)  # workers that report their update after Commit
     report: Any = None  # the driver's StepReport, once built
     seeded: dict[tuple[int, int], int] = field(default_factory=dict)  # (call, output) -> pass that seeded it
+    released: set[int] = field(default_factory=set)  # calls its worker freed early (Release)
     # Workers closed with the step although it gave them no call or plan (a schedule stepped every step).
     bystanders: set[str] = field(default_factory=set)
 
@@ -260,7 +261,8 @@ class CallerCore:
             step.bystanders = set(always) - step.participants()
         sends = []
         for w in sorted(step.participants()):
-            msg = m.Close(self.next_id(), step.id, tuple(step.calls.get(w, [])), tuple(step.pass_workers.get(w, [])),
+            calls = tuple(c for c in step.calls.get(w, []) if c not in step.released)
+            msg = m.Close(self.next_id(), step.id, calls, tuple(step.pass_workers.get(w, [])),
                           retain.get(w, ()))
             step.close_pending.add(w)
             sends.append(self._request(w, msg, Kind.CLOSE, step, step))
@@ -293,9 +295,9 @@ class CallerCore:
         if rec.saved or step is None or step is not self.step or step.closing or step.error is not None:
             return []
         calls = step.calls.get(rec.worker)
-        if calls is None or rec.id not in calls:
+        if calls is None or rec.id not in calls or rec.id in step.released:
             return []
-        calls.remove(rec.id)
+        step.released.add(rec.id)  # still in the step's picture (ag.graph), no longer in its Close
         return [self.post(rec.worker, m.Release(rec.step, rec.id))]
 
     def fetch(self, call: CallRecord, out: int) -> tuple[Request, list[Send]]:

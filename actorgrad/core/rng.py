@@ -4,8 +4,9 @@ Modules draw from torch's default generator (Dropout, torch.randn in a forward),
 process shares: on backend="local" every worker runs in the caller's process, each on a thread
 of its own, and without a swap they would race for it. So each worker keeps its own CPU
 generator state, seeded from the runtime's seed and its name, and ``with rng:`` puts it in
-place for one forward or backward under a process-wide lock (two local workers never
-interleave), then puts the previous state back. Ray workers do the same, so that both backends
+place for one forward under a process-wide lock (two local workers never interleave), then
+puts the previous state back. Backward passes run outside it: autograd draws nothing there
+(Dropout keeps its mask), and the lock would serialize independent passes. Ray workers do the same, so that both backends
 draw the same sequence per worker. The caller's own draws are not under the lock: see the
 README ("Randomness").
 """

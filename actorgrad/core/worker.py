@@ -389,8 +389,9 @@ class WorkerCore:
         t0 = now_us() if self.tracer.enabled else 0.0
         try:
             grad_outputs = sum_arrived(ps, c, self.custom_backward, self.diagnosis.error)
-            with self.rng:
-                input_grads, param_grads = self._vjp(c, grad_outputs, ps.accumulate)
+            # Outside the worker's generator: autograd's backward draws nothing (Dropout kept its mask),
+            # and holding the process-wide generator lock here would serialize independent passes.
+            input_grads, param_grads = self._vjp(c, grad_outputs, ps.accumulate)
             if self.tracer.enabled:
                 ready = max(ps.created_us, c.done_us)
                 if t0 - ready > 50:
