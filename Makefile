@@ -25,7 +25,7 @@ demo: $(STAMP)  ## run the quickstart on an embedded local Ray
 	$(PY) examples/quickstart.py
 
 test: $(STAMP)  ## run the whole test suite
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=25 tests
 
 bench: $(STAMP)  ## actorgrad vs plain PyTorch and torch.distributed.rpc; writes bench/results.md
 	$(PY) -m bench.bench

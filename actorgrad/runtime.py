@@ -5,8 +5,8 @@ reply means, when a step commits) is ``core.caller.CallerCore``, which does
 no I/O. This module checks the user's arguments, hands the core's messages to
 the transport, turns replies (futures completing on transport threads) into
 events in one queue, and feeds them back to the core while the user's thread
-waits, up to a deadline. Spawning and placement live here too; recovery and
-checkpoint orchestration live in ``recovery.py``.
+waits, up to a deadline. What ag.spawn checks and builds is in ``spawning.py``;
+recovery and checkpoint orchestration are in ``recovery.py``.
 """
 
 from __future__ import annotations
@@ -17,13 +17,12 @@ import queue
 import threading
 import time
 import weakref
-from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 import torch
 
 from . import errors as E
-from . import recovery
+from . import recovery, spawning
 from .core import codec
 from .core import messages as m
 from .core.caller import CallerCore, Kind, PassRecord, Request, Send, StepRecord
@@ -31,6 +30,7 @@ from .core.leaves import tensors_in
 from .core.optim import steps_every_step
 from .core.graph import CallRecord, Graph
 from .core.worker import WorkerSpec
+from .spawning import WorkerInfo
 from .handles import Node, Pass, StepHandle, StepReport, Worker, WorkerReport
 from .trace import Tracer, now_us, write_trace
 from .transport.base import Transport
@@ -48,29 +48,6 @@ START_LIMIT = 600.0
 CALLS_WARN = 256
 
 __all__ = ["Runtime", "WorkerInfo", "DEFAULT_TIMEOUT", "PROBE_MARGIN", "START_LIMIT", "StepRecord", "PassRecord"]
-
-
-@dataclass
-class WorkerInfo:
-    """What the caller knows of a worker without asking it."""
-
-    name: str
-    module_class: str
-    trainable: bool
-    has_optimizer: bool
-    custom_rule: bool  # its update rule may use gradients without an optimizer (a callable rule)
-    custom_backward: bool
-    options: dict[str, Any]
-    handle: Worker
-    placed: bool = True  # False while its ag.placement block is open
-    optimizer: Any = None  # the optimizer recipe, for ag.graph
-
-
-def _optimizer_name(opt: Any) -> Optional[str]:
-    if opt is None:
-        return None
-    cls = getattr(opt, "cls", None)
-    return cls.__name__ if cls is not None else getattr(opt, "__name__", type(opt).__name__)
 
 
 WhatFn = Callable[[], tuple[str, list[tuple[str, Optional[int]]]]]
@@ -125,9 +102,7 @@ class Runtime:
         self._live: dict[int, int] = {}
         self._gone: "queue.SimpleQueue[CallRecord]" = queue.SimpleQueue()
         self._class_counts: dict[str, int] = {}
-        # Tensors and modules already in a worker, by id, each with a weak reference (an id is reused once
-        # its object is collected) and who owns it: (ref, worker, parameter or module name).
-        self._owned: dict[int, tuple[weakref.ref, str, str]] = {}
+        self.owned = spawning.Ownership()  # which worker holds which module, parameter and buffer
         # Calls per step, for the forgotten-ag.step() warning: (open step, its calls, largest earlier, warned at).
         self._step_calls = [-1, 0, 0, 0]
         self._group: Optional[tuple[str, list[tuple[WorkerSpec, dict[str, Any]]]]] = None
@@ -361,146 +336,48 @@ class Runtime:
               num_cpus: Optional[float], num_gpus: Optional[float], resources: Optional[dict], device: Any,
               max_restarts: Optional[int] = None) -> Worker:
         """Place ``module`` in a worker of its own."""
-        from .core.rules import make_rule
-        from .module import has_custom_backward
-        from .optim import normalize_optimizer
-
         with self._lock:
             self._check_open()
             if not isinstance(module, torch.nn.Module):
                 raise E.ConfigError(f"ag.spawn needs a torch.nn.Module, got {type(module).__name__}")
-            cls = type(module).__name__
             if name is None:
-                n = self._class_counts.get(cls, 0)
-                while f"{cls}-{n}" in self.workers:
-                    n += 1
-                name = f"{cls}-{n}"
-                self._class_counts[cls] = n + 1
-            if not isinstance(name, str) or not name or name == "caller" or "#" in name:
-                raise E.ConfigError(f"a worker name must be a non-empty string other than 'caller', without '#', "
-                                    f"got {name!r}")
-            if name in self.workers:
-                raise E.ConfigError(f"a worker named '{name}' already exists; worker names must be unique", worker=name)
-            opt = normalize_optimizer(optimizer, name)
-            try:
-                rule = make_rule(update)
-            except E.ConfigError as err:
-                err.worker = name
-                raise
-            if not isinstance(max_staleness, int) or isinstance(max_staleness, bool) or max_staleness < 0:
-                raise E.ConfigError(f"max_staleness must be an integer >= 0, got {max_staleness!r}", worker=name)
-            params = list(module.parameters())
-            self._check_owned(module, name)
-            if opt is not None and not params:
-                raise E.ConfigError("the module has no parameters, so it cannot have an optimizer", worker=name)
-            for label, val in (("num_cpus", num_cpus), ("num_gpus", num_gpus)):
-                if val is not None and (not isinstance(val, (int, float)) or val < 0):
-                    raise E.ConfigError(f"{label} must be a number >= 0, got {val!r}", worker=name)
-            if device is not None:
-                try:
-                    device = str(torch.device(device))
-                except (RuntimeError, TypeError) as exc:
-                    raise E.ConfigError(f"invalid device {device!r}: {exc}", worker=name) from None
-            # A GPU worker: device="cuda" needs a GPU from Ray (which hides GPUs from actors that
-            # did not ask for one), and num_gpus >= 1 means the module lives on it.
-            if device is not None and device.startswith("cuda") and not num_gpus and self.transport.capabilities.places_gpus:
-                num_gpus = 1
-            if device is None and num_gpus and num_gpus >= 1:
-                device = "cuda"
-            if device is not None and device.startswith("cuda") and not self.transport.capabilities.places_gpus \
-                    and not torch.cuda.is_available():
-                raise E.PlacementError(f"device={device!r} asked for, but this process has no CUDA device",
-                                       worker=name)
-            if max_restarts is not None and (not isinstance(max_restarts, int) or isinstance(max_restarts, bool)
-                                             or max_restarts < -1):
-                raise E.ConfigError(f"max_restarts must be an integer >= 0 (or -1: no limit), got {max_restarts!r}",
-                                    worker=name)
+                name = spawning.default_name(module, self.workers, self._class_counts)
+            name = spawning.check_name(name, self.workers)
             if max_restarts and self.recovery is None:
                 log.info("worker %s may be restarted: switching recovery on with its defaults", name)
                 self.enable_recovery()
-            if max_restarts is None:
-                max_restarts = self.recovery.max_restarts if self.recovery is not None else 0
-            options = {"num_cpus": num_cpus, "num_gpus": num_gpus, "resources": resources, "device": device,
-                       "update": update if isinstance(update, str) else "callable", "max_staleness": max_staleness,
-                       "optimizer": _optimizer_name(opt), "max_restarts": max_restarts}
-            if resources is not None and not (isinstance(resources, dict) and all(
-                    isinstance(k, str) and isinstance(v, (int, float)) and v >= 0 for k, v in resources.items())):
-                raise E.ConfigError(f"resources must map names to amounts >= 0, got {resources!r}", worker=name)
-            threads = int(num_cpus) if num_cpus else None
-            # A registered rule travels built: a Ray worker's process never saw the user's register_rule.
-            spec = WorkerSpec(name=name, module=module, optimizer=opt, update=rule if isinstance(update, str) else update,
-                              max_staleness=max_staleness, device=device, num_threads=threads,
-                              trace=self.tracer.enabled, check_finite=self.check_finite,
-                              deadline=self.worker_timeout, custom_backward=has_custom_backward(module),
-                              seed=self.seed)
-            self.transport.check_feasible(name, {"CPU": num_cpus or 0, "GPU": num_gpus or 0, **(resources or {})})
+            defaults = spawning.Defaults(
+                places_gpus=self.transport.capabilities.places_gpus, trace=self.tracer.enabled,
+                check_finite=self.check_finite, deadline=self.worker_timeout, seed=self.seed,
+                max_restarts=self.recovery.max_restarts if self.recovery is not None else 0)
+            s = spawning.build(module, name, optimizer=optimizer, update=update, max_staleness=max_staleness,
+                               num_cpus=num_cpus, num_gpus=num_gpus, resources=resources, device=device,
+                               max_restarts=max_restarts, defaults=defaults)
+            self.owned.check(module, name, self.workers)
+            opts = s.options
+            self.transport.check_feasible(name, {"CPU": opts["num_cpus"] or 0, "GPU": opts["num_gpus"] or 0,
+                                                 **(opts["resources"] or {})})
             deferred = self._group is not None and self.transport.capabilities.placement_groups
             actor = None
             if deferred:
                 assert self._group is not None
-                self._group[1].append((spec, options))
+                self._group[1].append((s.spec, opts))
             else:
-                actor = self.transport.spawn(spec, options)
-            handle = Worker(self, name, actor, cls, training=module.training)
-            self.workers[name] = WorkerInfo(
-                name=name, module_class=cls, trainable=any(p.requires_grad for p in params),
-                has_optimizer=opt is not None, custom_rule=not rule.needs_optimizer,
-                custom_backward=has_custom_backward(module),
-                options=options, handle=handle, placed=not deferred, optimizer=opt)
+                actor = self.transport.spawn(s.spec, opts)
+            handle = Worker(self, name, actor, type(module).__name__, training=module.training)
+            self.workers[name] = spawning.info_of(s, handle, placed=not deferred)
             self.workers_changed += 1
-            self._own(module, name)
-            log.info("spawned worker %s (%s) on %s", name, cls, self.backend)
+            self.owned.own(module, name)
+            log.info("spawned worker %s (%s) on %s", name, type(module).__name__, self.backend)
             return handle
-
-    def _owned_by(self, obj: Any) -> Optional[tuple[str, str]]:
-        entry = self._owned.get(id(obj))
-        # A worker no longer in the runtime (an abandoned placement block) owns nothing.
-        if entry is None or entry[0]() is not obj or entry[1] not in self.workers:
-            return None
-        return entry[1], entry[2]
-
-    def _check_owned(self, module: torch.nn.Module, name: str) -> None:
-        """Refuse a module, parameter or buffer that another worker already holds (it would be silently untied)."""
-        owner = self._owned_by(module)
-        if owner is not None:
-            raise E.ConfigError(
-                f"this module object was already spawned as worker '{owner[0]}'; each worker gets its own copy, so "
-                f"the two would train apart. To use one module several times, call worker '{owner[0]}' several "
-                "times (weight sharing is one worker called several times); for an independent copy spawn "
-                "copy.deepcopy(module)", worker=name)
-        tensors = [("parameter", n, t) for n, t in module.named_parameters(remove_duplicate=False)]
-        tensors += [("buffer", n, t) for n, t in module.named_buffers(remove_duplicate=False)]
-        for kind, pname, t in tensors:
-            owner = self._owned_by(t)
-            if owner is not None:
-                raise E.ConfigError(
-                    f"{kind} '{pname}' is the same tensor as '{owner[1]}' of worker '{owner[0]}' (tied weights); "
-                    "each worker holds its own copy, so the two would be silently untied and drift apart. Put the "
-                    "modules that share it into one worker and call that worker several times (e.g. one worker "
-                    "holding both the embedding and the output head)", worker=name)
-
-    def _own(self, module: torch.nn.Module, name: str) -> None:
-        """Record the module, its parameters and its buffers as held by worker ``name``."""
-        for gone in [k for k, (ref, _, _) in self._owned.items() if ref() is None]:
-            del self._owned[gone]
-        # Submodules are not recorded: sharing a stateless one (an activation) is harmless, and a stateful
-        # one is caught by its tensors.
-        objs: list[tuple[str, Any]] = [("", module)]
-        objs += list(module.named_parameters(remove_duplicate=False))
-        objs += list(module.named_buffers(remove_duplicate=False))
-        mine: dict[int, tuple[weakref.ref, str, str]] = {}
-        for label, obj in objs:  # a weight tied inside the module keeps its first name
-            mine.setdefault(id(obj), (weakref.ref(obj), name, label))
-        self._owned.update(mine)
-
-    PLACEMENT_STRATEGIES = ("pack", "spread", "strict_pack", "strict_spread")
 
     def begin_placement(self, strategy: str) -> None:
         """Start collecting spawned workers into one placement group."""
         with self._lock:
             self._check_open()
-            if strategy not in self.PLACEMENT_STRATEGIES:
-                raise E.ConfigError(f"placement strategy must be one of {self.PLACEMENT_STRATEGIES}, got {strategy!r}")
+            if strategy not in spawning.PLACEMENT_STRATEGIES:
+                raise E.ConfigError(
+                    f"placement strategy must be one of {spawning.PLACEMENT_STRATEGIES}, got {strategy!r}")
             if self._group is not None:
                 raise E.ConfigError("ag.placement blocks cannot be nested")
             self._group = (strategy, [])
@@ -517,13 +394,7 @@ class Runtime:
                 for n in names:
                     self.workers.pop(n, None)
                 return
-            bundles = []
-            for spec, options in members:
-                bundle = {"CPU": float(options.get("num_cpus") or 0.01)}
-                if options.get("num_gpus"):
-                    bundle["GPU"] = float(options["num_gpus"])
-                bundle.update({k: float(v) for k, v in (options.get("resources") or {}).items()})
-                bundles.append(bundle)
+            bundles = spawning.bundles(members)
             try:
                 pg = self.transport.place_group(strategy, bundles, names, self.timeout if timeout is None else timeout)
             except E.ActorgradError:

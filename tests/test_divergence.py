@@ -118,7 +118,7 @@ def test_owned_ids_are_weak(local):
     for i in range(20):
         ag.spawn(nn.Linear(2, 2), name=f"l{i}")  # the module is dropped at once (the worker has its copy)
         gc.collect()
-    assert len(ag.api._current()._owned) < 20 * 3
+    assert len(ag.api._current().owned) < 20 * 3
 
 
 # --- caller-side torch.no_grad / autocast ----------------------------------------------
