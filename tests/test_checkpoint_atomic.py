@@ -22,6 +22,7 @@ import torch
 import actorgrad as ag
 from actorgrad import checkpoint as ck
 from actorgrad import errors as E
+from test_checkpoint import build, train
 
 log = logging.getLogger("test_checkpoint_atomic")
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -113,24 +114,6 @@ def to_legacy(src: str, dst: str) -> None:
     vdir = os.path.join(src, pointer(src))
     for name in os.listdir(vdir):
         shutil.copy2(os.path.join(vdir, name), os.path.join(dst, name))
-
-
-def build(seed=0):
-    torch.manual_seed(seed)
-    enc = ag.spawn(torch.nn.Linear(4, 6), name="enc", optimizer=ag.Optim(torch.optim.Adam, lr=0.01))
-    act = ag.spawn(torch.nn.Tanh(), name="act")
-    head = ag.spawn(torch.nn.Linear(6, 1), name="head", optimizer=ag.Optim(torch.optim.SGD, lr=0.05, momentum=0.9))
-    mse = ag.spawn(torch.nn.MSELoss(), name="mse")
-    return enc, act, head, mse
-
-
-def train(workers, steps, seed):
-    enc, act, head, mse = workers
-    g = torch.Generator().manual_seed(seed)
-    for _ in range(steps):
-        x, y = torch.randn(8, 4, generator=g), torch.randn(8, 1, generator=g)
-        mse(head(act(enc(x))), y).backward()
-        ag.step()
 
 
 # --- fault injection at every step of ag.save ----------------------------------------------------

@@ -63,7 +63,6 @@ MAX_ENVELOPE = 1 << 12  # [kind, sender, seq, token]: a name and three numbers
 # Largest frame a channel accepts by default (ACTORGRAD_MAX_FRAME_BYTES to change): big enough for the
 # state of a 1 GiB module in one reply, far below what a length field can claim.
 DEFAULT_MAX_FRAME = 1 << 30
-MAX_FRAME = DEFAULT_MAX_FRAME  # kept for readers of the old name
 DEFAULT_MAX_CONNECTIONS = 1024  # authenticated connections per worker: one per peer and the caller
 DEFAULT_MAX_HANDSHAKES = 128  # connections still proving themselves, at once
 HANDSHAKE_SECONDS = 5.0
