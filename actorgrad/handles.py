@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any, Optional, Protocol, Sequence, Union
+from typing import Any, Iterator, Mapping, Optional, Protocol, Sequence, Union
 
 import torch
+from torch.nn.modules.module import _IncompatibleKeys
 
+from . import modulelike
 from .core.caller import PassRecord, StepRecord
 from .core.graph import CallRecord
+from .core.messages import Op
+from .nodeops import NodeOps, meta_of_op
 
 
 class Runtime(Protocol):
@@ -18,6 +22,8 @@ class Runtime(Protocol):
     backend: str
 
     def call(self, worker: str, args: tuple, kwargs: dict) -> Any: ...
+    def materialize(self, node: "DerivedNode") -> "Node": ...
+    def meta(self, node: "Node") -> tuple[torch.Size, torch.dtype]: ...
     def fetch(self, node: "Node", timeout: Optional[float]) -> torch.Tensor: ...
     def track(self, node: "Node") -> None: ...
     def backward(self, nodes: list[Any], gradients: Optional[list[Any]], inputs: Any = None) -> "Pass": ...
@@ -25,10 +31,10 @@ class Runtime(Protocol):
     def wait_pass(self, prec: PassRecord, timeout: Optional[float]) -> None: ...
     def wait_step(self, step: StepRecord, timeout: Optional[float]) -> "StepReport": ...
     def get_state(self, worker: str, what: str, timeout: Optional[float]) -> Any: ...
-    def set_state(self, worker: str, what: str, state: Any, timeout: Optional[float]) -> None: ...
+    def set_state(self, worker: str, what: str, state: Any, timeout: Optional[float]) -> Any: ...
     def set_training(self, workers: list[str], mode: bool, timeout: Optional[float]) -> None: ...
 
-__all__ = ["Worker", "Node", "Pass", "StepHandle", "StepReport", "WorkerReport"]
+__all__ = ["Worker", "Node", "DerivedNode", "Pass", "StepHandle", "StepReport", "WorkerReport"]
 
 
 class Worker:
@@ -40,6 +46,7 @@ class Worker:
         self.actor = actor
         self.module_class = module_class
         self._training = bool(training)  # kept in step by the runtime's set_training
+        self._info: Any = None  # spawning.WorkerInfo, set at ag.spawn: what repr() and to() read
 
     @property
     def training(self) -> bool:
@@ -73,16 +80,69 @@ class Worker:
         """``stats()`` plus the worker process's resident memory (rss_bytes) and live tensor count."""
         return self._runtime.get_state(self.name, "memory", timeout)
 
-    def load_state_dict(self, state_dict: dict[str, torch.Tensor], timeout: Optional[float] = None) -> None:
-        """Send parameters and buffers to the worker's module (strict, as in PyTorch)."""
-        self._runtime.set_state(self.name, "module", dict(state_dict), timeout)
+    def load_state_dict(self, state_dict: Mapping[str, torch.Tensor], strict: bool = True, *,
+                        timeout: Optional[float] = None) -> _IncompatibleKeys:
+        """Load parameters and buffers into the worker's module as ``nn.Module.load_state_dict`` does.
+
+        ``strict=True`` raises ConfigError on missing or unexpected keys; ``strict=False`` loads the keys
+        that match. Returns ``(missing_keys, unexpected_keys)`` as nn.Module does. A wrong shape raises
+        ShapeError. Unlike nn.Module, an error loads nothing. The optimizer's state is kept (as a plain
+        PyTorch optimizer keeps its state when its module loads weights); forwards from now on use the
+        loaded weights, calls already issued keep the weights their forward used.
+        """
+        request = modulelike.load_request(state_dict, strict, self.name)
+        return modulelike.incompatible_keys(self._runtime.set_state(self.name, "load", request, timeout))
+
+    def named_parameters(self, prefix: str = "", recurse: bool = True, remove_duplicate: bool = True, *,
+                         timeout: Optional[float] = None) -> Iterator[tuple[str, torch.Tensor]]:
+        """(name, copy) per parameter, as ``nn.Module.named_parameters``; see ``parameters()`` for the copies."""
+        data = self._runtime.get_state(self.name, "tensors", timeout)
+        return iter(modulelike.named_tensors(data, "parameters", prefix, recurse, remove_duplicate))
+
+    def parameters(self, recurse: bool = True, *, timeout: Optional[float] = None) -> Iterator[torch.Tensor]:
+        """The module's parameters as copies, fetched from the worker in one request.
+
+        Plain CPU tensors (not nn.Parameter), detached from the worker's (changing one changes nothing there:
+        use ``load_state_dict``), with ``requires_grad`` as the worker's parameter has it, so frozen ones show.
+        Tied parameters come once (and are one tensor), as on nn.Module.
+        """
+        return iter([t for _, t in self.named_parameters(recurse=recurse, timeout=timeout)])  # fetched now
+
+    def named_buffers(self, prefix: str = "", recurse: bool = True, remove_duplicate: bool = True, *,
+                      timeout: Optional[float] = None) -> Iterator[tuple[str, torch.Tensor]]:
+        """(name, copy) per buffer (non-persistent ones too), as ``nn.Module.named_buffers``."""
+        data = self._runtime.get_state(self.name, "tensors", timeout)
+        return iter(modulelike.named_tensors(data, "buffers", prefix, recurse, remove_duplicate))
+
+    def buffers(self, recurse: bool = True, *, timeout: Optional[float] = None) -> Iterator[torch.Tensor]:
+        """The module's buffers as CPU copies, fetched from the worker in one request."""
+        return iter([t for _, t in self.named_buffers(recurse=recurse, timeout=timeout)])
+
+    def to(self, *args: Any, **kwargs: Any) -> "Worker":
+        """As ``nn.Module.to`` where a worker allows it: returns self when nothing would change.
+
+        A worker's device and dtype are fixed at ``ag.spawn`` (its process, reserved GPU, optimizer state,
+        weight stashes and checkpoints depend on them): ``to()`` to the device it runs on, or to the dtype
+        its floating tensors have, is a no-op; any other device or dtype raises ConfigError naming the
+        worker (spawn the module with ``device=``, or convert it with ``module.to(dtype)`` before ag.spawn).
+        No round trip: it checks what the caller kept at spawn.
+        """
+        modulelike.check_to(self._info, self.name, args, kwargs)
+        return self
 
     def __repr__(self) -> str:
-        return f"Worker({self.name!r}, {self.module_class})"
+        identity = getattr(getattr(self._runtime, "transport", None), "identity", None)
+        where = identity(self.name) if callable(identity) else None  # Ray: the node, once the worker runs
+        return modulelike.describe(self.name, self.module_class, self._info, getattr(self._runtime, "backend", None),
+                                   self._training, where)
 
 
-class Node:
-    """A handle on an activation that lives in a worker: output ``out`` of one call."""
+class Node(NodeOps):
+    """A handle on an activation that lives in a worker: output ``out`` of one call.
+
+    Tensor operations on it (``+``, indexing, ``view``, ``torch.cat``, ``torch.relu``...) give
+    DerivedNodes: see nodeops.py for where they run.
+    """
 
     __slots__ = ("_runtime", "call", "out", "detached", "_value", "__weakref__")
 
@@ -134,9 +194,84 @@ class Node:
         """
         return self._runtime.backward([self], None if gradient is None else [gradient], inputs)
 
+    def _derived(self, op: Op, several: bool = False) -> "DerivedNode":
+        return DerivedNode(self._runtime, op, several)
+
+    def _meta_value(self) -> torch.Tensor:
+        shape, dtype = self._runtime.meta(self)
+        return torch.empty(shape, dtype=dtype, device="meta")
+
     def __repr__(self) -> str:
         d = ", detached" if self.detached else ""
         return f"Node({self.call.worker!r}, call={self.call.id}, out={self.out}, step={self.call.step}{d})"
+
+
+class DerivedNode(Node):
+    """The result of a tensor operation on Nodes; computed where it is used (see nodeops.py)."""
+
+    __slots__ = ("op", "uses", "real", "several", "_meta")
+
+    def __init__(self, runtime: Runtime, op: Op, several: bool = False) -> None:
+        # call is None until the operation is materialized: the runtime resolves a DerivedNode first.
+        super().__init__(runtime, None, 0)  # type: ignore[arg-type]
+        self.op = op
+        self.uses = 0  # calls it was fused into; a second use materializes it
+        self.real: Optional[Node] = None  # the Node of its materialized result
+        self.several = several  # a several-tensor result: only its items (GETITEM) are used
+        self._meta: Any = None
+
+    def bases(self) -> list[Node]:
+        """The computed Nodes this operation reads, in order."""
+        import torch.utils._pytree as pytree
+
+        found: list[Node] = []
+        for x in pytree.tree_leaves((self.op.args, self.op.kwargs)):
+            if isinstance(x, DerivedNode):
+                found += [x.real] if x.real is not None else x.bases()
+            elif isinstance(x, Node):
+                found.append(x)
+        return found
+
+    def _meta_value(self) -> Any:
+        if self._meta is None:
+            self._meta = meta_of_op(self.op)
+        return self._meta
+
+    def resolved(self) -> Node:
+        """The Node of this operation's result, computing it once (in the worker of its first operand)."""
+        return self.real if self.real is not None else self._runtime.materialize(self)
+
+    @property
+    def worker(self) -> str:
+        """The worker that holds (or would compute) the result: that of its first Node operand."""
+        return self.real.worker if self.real is not None else self.bases()[0].worker
+
+    @property
+    def step(self) -> int:
+        """The step this value belongs to."""
+        return self.bases()[0].step
+
+    @property
+    def shape(self) -> Optional[torch.Size]:
+        """The result's shape once computed and reported (else None); ``size()`` waits for it."""
+        return self.real.shape if self.real is not None else None
+
+    def value(self, timeout: Optional[float] = None) -> torch.Tensor:
+        """Compute the result (once) and fetch it to the caller."""
+        return self.resolved().value(timeout)
+
+    def detach(self) -> Node:
+        """The result, computed; consumers of the returned node send no gradient back through it."""
+        return self.resolved().detach()
+
+    def backward(self, gradient: Optional[torch.Tensor] = None, *, inputs: Any = None) -> "Pass":
+        """Start one backward pass seeded at this result (computed once, where its first operand lives)."""
+        return self._runtime.backward([self], None if gradient is None else [gradient], inputs)
+
+    def __repr__(self) -> str:
+        if self.real is not None:
+            return f"DerivedNode({self.op.fn}, {self.real!r})"
+        return f"DerivedNode({self.op.fn}, of {len(self.bases())} node(s), step={self.step})"
 
 
 class Pass:

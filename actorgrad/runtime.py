@@ -23,7 +23,7 @@ import torch
 
 from . import errors as E
 from . import recovery, spawning
-from .core import codec
+from .core import codec, structure
 from .core import messages as m
 from .core.caller import CallerCore, Kind, PassRecord, Request, Send, StepRecord
 from .core.leaves import tensors_in
@@ -31,7 +31,7 @@ from .core.optim import steps_every_step
 from .core.graph import CallRecord, Graph
 from .core.worker import WorkerSpec
 from .spawning import WorkerInfo
-from .handles import Node, Pass, StepHandle, StepReport, Worker, WorkerReport
+from .handles import DerivedNode, Node, Pass, StepHandle, StepReport, Worker, WorkerReport
 from .trace import Tracer, now_us, write_trace
 from .transport.base import Transport
 
@@ -51,6 +51,21 @@ __all__ = ["Runtime", "WorkerInfo", "DEFAULT_TIMEOUT", "PROBE_MARGIN", "START_LI
 
 
 WhatFn = Callable[[], tuple[str, list[tuple[str, Optional[int]]]]]
+
+# The structure key of an operation's call (see CallerCore.structures): its result is one tensor.
+EXPR_KEY = ("<operation>",)
+
+
+def _flags(args: tuple, kwargs: dict) -> tuple:
+    """What of a call's arguments may change what its module returns: how many there are, and the flags.
+
+    ``mha(q, k, v, need_weights=False)`` and ``need_weights=True`` return different structures; a call
+    whose key was seen before gets its Nodes at once, a new key waits for its first forward.
+    """
+    def flag(v: Any) -> Any:
+        return v if v is None or isinstance(v, (bool, str)) else "*"
+
+    return tuple(flag(a) for a in args), tuple(sorted((k, flag(v)) for k, v in kwargs.items()))
 
 _AUTOCAST_DEVICES = ("cpu", "cuda", "mps", "xpu", "hpu")
 
@@ -95,6 +110,8 @@ class Runtime:
         self.workers: dict[str, WorkerInfo] = {}
         self.closed = False
         self.core = CallerCore(now=time.perf_counter())
+        self.core.structures[EXPR_KEY] = m.Slot(0)
+        self.types = structure.TypeResolver()  # the classes that workers' results name
         self._lock = threading.RLock()
         self._events: "queue.SimpleQueue[tuple[Request, Any]]" = queue.SimpleQueue()
         # Calls under ag.no_grad(): live Nodes per call, and the calls whose Nodes were collected (queued by
@@ -431,20 +448,36 @@ class Runtime:
             if node.call.id in self._live:  # a detached Node of an ag.no_grad() call keeps it too
                 self._watch(node)
 
-    def call(self, worker: str, args: tuple, kwargs: dict) -> Any:
-        """Issue one call of a worker's module; return its Node(s) at once."""
+    def call(self, worker: str, args: tuple, kwargs: dict, expr: bool = False) -> Any:
+        """Issue one call of a worker's module; return its result's structure with a Node at each tensor, at once.
+
+        ``expr``: run no module; the result is ``args[0]``, a DerivedNode (an operation on Nodes).
+        """
         with self._lock:
             self._info(worker)
             _refuse_autocast(worker)
-            step = self.core.step_for_call(time.perf_counter())
+            self.core.step_for_call(time.perf_counter())
             recovery.auto_checkpoint(self)
             step = self.core.step
+            if step.error is not None:
+                # An earlier call of this step failed: its error, here, rather than Nodes that stand for nothing.
+                raise self._deliver(step)
             # torch.no_grad() / inference_mode() around a call mean what ag.no_grad() means.
             grad_on = self.grad_enabled and torch.is_grad_enabled()
             refs: list[m.RefSpec] = []
             leaf_of: dict[int, torch.Tensor] = {}  # id of the detached copy sent -> the caller's tensor
+            # A consumer with its own backward sees its inputs as they arrive: operations are not fused into it.
+            fuse = expr or not self.workers[worker].custom_backward
 
-            def convert(x: Any, where: str) -> Any:
+            def leaf(x: Any, where: str) -> Any:
+                if isinstance(x, DerivedNode):
+                    top = expr and where == "argument 0"  # the operation this call computes
+                    if x.real is None and (top or x.several or (fuse and not x.uses)):
+                        x.uses += not top
+                        op = x.op
+                        return m.Op(op.fn, structure.encode(op.args, leaf, f"{where}.args"),
+                                    structure.encode(op.kwargs, leaf, f"{where}.kwargs"))
+                    x = self.materialize(x)
                 if isinstance(x, Node):
                     self._check_input_node(x, step, worker, where)
                     refs.append(m.RefSpec(x.call.worker, x.call.id, x.out, grad_on and not x.detached and x.call.saved))
@@ -454,26 +487,21 @@ class Runtime:
                     if grad_on and x.requires_grad:
                         leaf_of[id(d)] = x  # a caller leaf: its gradient comes back with the passes
                     return d
-                if isinstance(x, list):
-                    return [convert(v, f"{where}[{i}]") for i, v in enumerate(x)]
-                if isinstance(x, tuple):
-                    return tuple(convert(v, f"{where}[{i}]") for i, v in enumerate(x))
-                if isinstance(x, dict):
-                    return {k: convert(v, f"{where}[{k!r}]") for k, v in x.items()}
-                return x
+                raise TypeError(f"{where}: cannot send a value of type {type(x).__name__}")
 
-            args_t = [convert(a, f"argument {i}") for i, a in enumerate(args)]
-            kwargs_t = {k: convert(v, f"argument {k!r}") for k, v in kwargs.items()}
             try:
+                args_t = [structure.encode(a, leaf, f"argument {i}") for i, a in enumerate(args)]
+                kwargs_t = {k: structure.encode(v, leaf, f"argument {k!r}") for k, v in kwargs.items()}
                 codec.check_value_tree(args_t)
                 codec.check_value_tree(kwargs_t)
             except TypeError as exc:
-                raise E.ConfigError(f"cannot send the arguments of this call: {exc}; pass Nodes, tensors, "
-                                    "numbers, strings, None, or lists/tuples/dicts of them", worker=worker) from None
+                raise E.ConfigError(f"cannot send the arguments of this call: {exc}; pass Nodes, tensors, numbers, "
+                                    "strings, None, or tuples/lists/dicts/namedtuples/dataclasses of them",
+                                    worker=worker) from None
             leaf_pos: list[int] = []
             leaf_src: list[torch.Tensor] = []
             if leaf_of:
-                if self.workers[worker].custom_backward:
+                if self.workers[worker].custom_backward and not expr:
                     raise E.ConfigError(
                         "a tensor with requires_grad=True is passed into a worker with a custom backward, which "
                         "returns gradients for routed inputs only; pass it .detach(), or make it the output of "
@@ -484,25 +512,61 @@ class Runtime:
                         leaf_pos.append(i)
                         leaf_src.append(src)
             self._flush_released()
+            key = EXPR_KEY if expr else (worker, _flags(args, kwargs))
             rec, sends = self.core.call(worker, step, args_t, kwargs_t, refs, grad_on, tuple(leaf_pos),
-                                        tuple(leaf_src))
+                                        tuple(leaf_src), key, expr)
             self._send(sends)
             self._note_call(step)
-            if sends and worker not in self.core.arity:
-                # The first call tells how many outputs this module returns.
+            template = self.core.structures.get(key)
+            if template is None and step.error is None:
+                # The first call of its kind tells what the module returns.
                 fwd = sends[0].request
                 assert fwd is not None
                 self._pump(lambda: fwd.done or step.error is not None, self._deadline(None), None,
                            lambda: (f"waiting for the first forward of '{worker}'", [(worker, rec.id)]), None)
-            single, n = self.core.arity.get(worker, (True, 1))
-            nodes = [Node(self, rec, k) for k in range(n)]
-            if not grad_on and sends and step.error is None:
-                for nd in nodes:
+                template = self.core.structures.get(key)
+            if template is None:
+                # Its forward failed before telling its structure: a Node that raises that error wherever
+                # it is first used (unpacked, indexed, passed on, fetched), and ag.step() raises it too.
+                return Node(self, rec, 0)
+            nodes: list[Node] = []
+
+            def node(slot: Any) -> Node:
+                nodes.append(Node(self, rec, slot.index))
+                return nodes[-1]
+
+            result = structure.decode(template, node, self.types)
+            for nd in nodes:
+                if not grad_on:
                     self._watch(nd)
-            if step.error is None:
-                for nd in nodes:
-                    step.nodes.add(nd)
-            return nodes[0] if single else tuple(nodes)
+                step.nodes.add(nd)
+            return result
+
+    def materialize(self, node: DerivedNode) -> Node:
+        """The Node of an operation's result, computed once, in the worker of its first Node operand."""
+        with self._lock:
+            if node.real is None:
+                assert not node.several, "a several-tensor result is only used through its items"
+                node.real = self.call(node.bases()[0].call.worker, (node,), {}, expr=True)
+            return node.real
+
+    def meta(self, node: Node, timeout: Optional[float] = None) -> tuple[torch.Size, torch.dtype]:
+        """A Node's shape and dtype, waiting for its forward to report them."""
+        with self._lock:
+            node = node.resolved() if isinstance(node, DerivedNode) else node
+            rec = node.call
+            step = self.core.steps.get(rec.step)
+            if rec.meta is None and step is not None:
+                self._pump(lambda: rec.meta is not None or step.error is not None, self._deadline(timeout), step,
+                           lambda: (f"waiting for the shape of output {node.out} of call {rec.id}",
+                                    [(rec.worker, rec.id)]), timeout)
+                if step.error is not None:
+                    raise self._deliver(step)
+            if rec.meta is None:
+                raise E.StepClosedError(f"the shape of output {node.out} of call {rec.id} is not known: its step "
+                                        "ended before its forward reported", worker=rec.worker, call=rec.id)
+            out = rec.meta.outputs[node.out]
+            return torch.Size(out.shape), codec.DTYPES[out.dtype]
 
     def _note_call(self, step: StepRecord) -> None:
         """Warn (once per threshold) when the open step holds far more calls than any step before it."""
@@ -540,6 +604,7 @@ class Runtime:
             self._check_open()
             if not nodes:
                 raise E.ConfigError("backward needs at least one node")
+            nodes = [n.resolved() if isinstance(n, DerivedNode) else n for n in nodes]
             accumulate, leaf_inputs = self._check_inputs(inputs)
             for n in nodes:
                 if not isinstance(n, Node):
@@ -744,6 +809,8 @@ class Runtime:
 
     def fetch(self, node: Node, timeout: Optional[float]) -> torch.Tensor:
         """Fetch a node's value to the caller."""
+        if isinstance(node, DerivedNode):
+            node = node.resolved()
         with self._lock:
             if node._value is not None:
                 return node._value
@@ -789,13 +856,13 @@ class Runtime:
         """Fetch a worker's state ("module": its state_dict; "full": module, optimizer, version)."""
         return self._state_request(worker, what, None, False, timeout, f"fetching the state of '{worker}'")
 
-    def set_state(self, worker: str, what: str, state: Any, timeout: Optional[float]) -> None:
-        """Replace a worker's state."""
+    def set_state(self, worker: str, what: str, state: Any, timeout: Optional[float]) -> Any:
+        """Replace a worker's state; returns what the worker answers ("load": the missing and unexpected keys)."""
         try:
             codec.check_value_tree(state)
         except TypeError as exc:
             raise E.ConfigError(f"cannot send this state: {exc}", worker=worker) from None
-        self._state_request(worker, what, state, True, timeout, f"loading state into '{worker}'")
+        return self._state_request(worker, what, state, True, timeout, f"loading state into '{worker}'")
 
     def set_training(self, workers: list[str], mode: bool, timeout: Optional[float]) -> None:
         """Switch these workers' modules to training (True) or evaluation mode, for the calls issued from now on."""

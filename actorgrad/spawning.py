@@ -16,6 +16,7 @@ from typing import Any, Optional
 import torch
 
 from . import errors as E
+from . import pickling
 from .core.rules import Rule, make_rule
 from .core.worker import WorkerSpec
 from .module import has_custom_backward
@@ -40,6 +41,8 @@ class WorkerInfo:
     handle: Any  # handles.Worker
     placed: bool = True  # False while its ag.placement block is open
     optimizer: Any = None  # the optimizer recipe, for ag.graph
+    dtypes: tuple[str, ...] = ()  # floating dtypes of its parameters and buffers (worker.to() keeps them)
+    update: str = "step"  # its update rule, as repr(worker) names it
 
 
 @dataclass
@@ -139,16 +142,27 @@ def build(module: torch.nn.Module, name: str, *, optimizer: Any, update: Any, ma
                       max_staleness=max_staleness, device=device, num_threads=int(num_cpus) if num_cpus else None,
                       trace=defaults.trace, check_finite=defaults.check_finite, deadline=defaults.deadline,
                       custom_backward=has_custom_backward(module), seed=defaults.seed)
+    # Here, not in the transport: both backends refuse the same module with the same error, before any
+    # worker starts (Ray would raise its own serialization error; the local backend only deep-copies).
+    pickling.check(spec)
     return Spawn(spec, options, rule, trainable=any(p.requires_grad for p in params))
 
 
 def info_of(s: Spawn, handle: Any, placed: bool) -> WorkerInfo:
     """What the caller keeps of a spawned worker."""
     spec = s.spec
-    return WorkerInfo(name=spec.name, module_class=type(spec.module).__name__, trainable=s.trainable,
+    module = spec.module
+    dtypes = {str(t.dtype) for t in (*module.parameters(), *module.buffers()) if t.is_floating_point()}
+    label = s.options.get("update", "step")  # the rule's name; spec.update holds it built
+    if label == "callable":
+        label = getattr(spec.update, "__qualname__", None) or type(spec.update).__name__
+    info = WorkerInfo(name=spec.name, module_class=type(module).__name__, trainable=s.trainable,
                       has_optimizer=spec.optimizer is not None, custom_rule=not s.rule.needs_optimizer,
                       custom_backward=spec.custom_backward, options=s.options, handle=handle, placed=placed,
-                      optimizer=spec.optimizer)
+                      optimizer=spec.optimizer, dtypes=tuple(sorted(dtypes)), update=str(label))
+    if handle is not None:
+        handle._info = info  # what repr(worker) and worker.to() read: no round trip
+    return info
 
 
 def bundles(members: list[tuple[WorkerSpec, dict[str, Any]]]) -> list[dict[str, float]]:

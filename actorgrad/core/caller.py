@@ -42,6 +42,7 @@ from typing import Any, Iterable, Optional
 from .. import errors as E
 from . import messages as m
 from .graph import CallRecord, Graph
+from .structure import describe
 
 log = logging.getLogger("actorgrad.caller")
 
@@ -154,7 +155,9 @@ class CallerCore:
         self.steps: dict[int, StepRecord] = {}
         self.closing: list[StepRecord] = []
         self.requests: dict[int, Request] = {}
-        self.arity: dict[str, tuple[bool, int]] = {}  # worker -> (returns one tensor, number of outputs)
+        # What a module returns (a wire structure, Slot(i) at tensor i), by call key: (worker, the
+        # arguments' flags). A call whose key is here gets its Nodes before its forward ran.
+        self.structures: dict[Any, Any] = {}
         self._ids = itertools.count(1)
         self._seq: dict[str, int] = {}
         self.leaves_ready: list[PassRecord] = []  # completed passes whose caller-leaf gradients the driver adds
@@ -203,20 +206,24 @@ class CallerCore:
         return self.step
 
     def call(self, worker: str, step: StepRecord, args: Any, kwargs: Any, refs: list[m.RefSpec],
-             grad_on: bool, leaves: tuple[int, ...] = (), leaf_tensors: tuple = ()) -> tuple[CallRecord, list[Send]]:
+             grad_on: bool, leaves: tuple[int, ...] = (), leaf_tensors: tuple = (), key: Any = None,
+             expr: bool = False) -> tuple[CallRecord, list[Send]]:
         """One call of ``worker`` in ``step``: its Forward, and a Route to each producer of an input.
 
         ``leaves``: positions of caller leaves among the argument tensors; ``leaf_tensors``: the caller's
-        tensors there (their .grad receives what the passes return).
+        tensors there (their .grad receives what the passes return). ``key``: what the call's result
+        structure is recorded under (``structures``); ``expr``: an operation on Nodes, not a module call.
         """
         cid, req = self.next_id(), self.next_id()
         keys = [(r.call, r.out, r.grad) for r in refs]
-        rec = CallRecord(cid, worker, step.id, req, keys, grad_on, leaves=tuple(zip(leaves, leaf_tensors)))
+        rec = CallRecord(cid, worker, step.id, req, keys, grad_on, leaves=tuple(zip(leaves, leaf_tensors)),
+                         key=(worker,) if key is None else key)
         self.graph.add(rec)
         if step.error is not None:
             return rec, []  # the step already failed (its error is not raised yet): nothing is sent for it
         step.calls.setdefault(worker, []).append(cid)
-        sends = [self._request(worker, m.Forward(req, cid, step.id, args, kwargs, tuple(refs), grad_on, tuple(leaves)),
+        sends = [self._request(worker, m.Forward(req, cid, step.id, args, kwargs, tuple(refs), grad_on, tuple(leaves),
+                                                 expr),
                                Kind.FORWARD, step, rec)]
         sends += [self.post(r.worker, m.Route(r.call, r.out, worker, cid, slot)) for slot, r in enumerate(refs)]
         return rec, sends
@@ -358,12 +365,13 @@ class CallerCore:
         rec: CallRecord = r.obj
         done: m.ForwardDone = r.data
         rec.meta = done
-        arity = (done.single, len(done.outputs))
-        known = self.arity.setdefault(r.worker, arity)
-        if known != arity and r.step is not None:
+        known = self.structures.setdefault(rec.key, done.structure)
+        if known != done.structure and r.step is not None:
             return self.fail_step(r.step, E.ConfigError(
-                f"the module returned {arity[1]} output(s) (single={arity[0]}), but its first call returned "
-                f"{known[1]} (single={known[0]}); a worker's output structure must not change",
+                f"the module's output structure changed: it returned {describe(done.structure)}, but an earlier call with the same argument "
+                f"flags returned {describe(known)}; a call's Nodes are handed out before its forward runs, so a "
+                "module must return the same structure (and the same constants) for calls with the same flags "
+                "(bool, None and str arguments) and number of arguments; return a tensor where it varies",
                 worker=r.worker, call=rec.id, step=rec.step))
         return []
 

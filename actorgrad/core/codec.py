@@ -44,6 +44,9 @@ from . import messages as m
 _EXT_TENSOR = 1
 _EXT_SLOT = 2
 _EXT_TUPLE = 3
+# A tagged record, one array ``[tag, ...fields]``: a Typed container, an Op, a slice, Ellipsis, a dtype.
+_EXT_TAGGED = 4
+_TYPED_KINDS = frozenset(("namedtuple", "dataclass", "packed", "pytree"))
 
 MAX_DIMS = 32
 # How deeply value trees may nest (a field's own value is at depth 0); the same bound for encode and decode.
@@ -305,6 +308,17 @@ class _Packer:
             return msgpack.ExtType(_EXT_SLOT, self.packb(obj.index))
         if isinstance(obj, tuple):
             return msgpack.ExtType(_EXT_TUPLE, self.packb(list(obj)))
+        if isinstance(obj, m.Op):
+            return msgpack.ExtType(_EXT_TAGGED, self.packb(["O", obj.fn, list(obj.args), obj.kwargs]))
+        if isinstance(obj, m.Typed):
+            return msgpack.ExtType(_EXT_TAGGED, self.packb(["T", obj.kind, obj.type, obj.context,
+                                                            list(obj.children)]))
+        if isinstance(obj, slice):
+            return msgpack.ExtType(_EXT_TAGGED, self.packb(["S", obj.start, obj.stop, obj.step]))
+        if obj is Ellipsis:
+            return msgpack.ExtType(_EXT_TAGGED, self.packb(["E"]))
+        if isinstance(obj, torch.dtype) and obj in _DTYPE_NAMES:
+            return msgpack.ExtType(_EXT_TAGGED, self.packb(["D", _DTYPE_NAMES[obj]]))
         raise TypeError(f"cannot send a value of type {type(obj).__name__}")
 
     def packb(self, obj: Any) -> bytes:
@@ -330,7 +344,44 @@ def _ext_hook(tensors: _Tensors, level: int, code: int, data: bytes) -> Any:
         if not isinstance(items, list):
             raise DecodeError("a tuple must be packed as a list")
         return tuple(items)
+    if code == _EXT_TAGGED:
+        if level >= _MAX_LEVELS:
+            raise DecodeError(f"value is nested too deeply (at most {MAX_DEPTH} levels)")
+        return _tagged(_unpackb(data, partial(_ext_hook, tensors, level + 1)))
     raise DecodeError(f"unknown extension type {code}")
+
+
+def _tagged(items: Any) -> Any:
+    """A tagged record from its decoded array; every field is checked here."""
+    if not isinstance(items, list) or not items or not isinstance(items[0], str):
+        raise DecodeError("a tagged value must be a list that starts with its tag")
+    tag, n = items[0], len(items)
+    if tag == "O" and n == 4:
+        fn, args, kwargs = items[1:]
+        if not isinstance(fn, str) or not isinstance(args, list) or not isinstance(kwargs, dict):
+            raise DecodeError(f"an operation must be [name, args, kwargs], got {_brief(items)}")
+        if not all(isinstance(k, str) for k in kwargs):
+            raise DecodeError("an operation's keyword names must be strings")
+        return m.Op(fn, tuple(args), kwargs)
+    if tag == "T" and n == 5:
+        kind, typ, context, children = items[1:]
+        if kind not in _TYPED_KINDS or not isinstance(typ, str) or not isinstance(children, list):
+            raise DecodeError(f"a typed container must be [kind, type, context, children], got {_brief(items)}")
+        if kind in ("namedtuple", "dataclass"):
+            if (not isinstance(context, (list, tuple)) or len(context) != len(children)
+                    or not all(isinstance(f, str) and f.isidentifier() for f in context)):
+                raise DecodeError(f"a {kind}'s context must name each of its {len(children)} fields")
+            context = tuple(context)
+        return m.Typed(kind, typ, context, tuple(children))
+    if tag == "S" and n == 4:
+        if not all(v is None or _is_int(v) for v in items[1:]):
+            raise DecodeError(f"a slice holds integers or None, got {_brief(items)}")
+        return slice(*items[1:])
+    if tag == "E" and n == 1:
+        return Ellipsis
+    if tag == "D" and n == 2 and items[1] in DTYPES:
+        return DTYPES[items[1]]
+    raise DecodeError(f"invalid tagged value {_brief(items)}")
 
 
 # Tuples nest at most MAX_DEPTH deep below a field, which is itself inside the message list.
@@ -365,7 +416,7 @@ def check_value_tree(obj: Any, depth: int = 0) -> None:
         if d > MAX_DEPTH:
             raise TypeError(f"value is nested too deeply (at most {MAX_DEPTH} levels)")
         count += 1
-        if x is None or isinstance(x, (bool, int, float, str, bytes, m.Slot)):
+        if x is None or isinstance(x, (bool, int, float, str, bytes, m.Slot)) or x is Ellipsis:
             continue
         if isinstance(x, torch.Tensor):
             if x.dtype not in _DTYPE_NAMES:
@@ -373,6 +424,18 @@ def check_value_tree(obj: Any, depth: int = 0) -> None:
             continue
         if isinstance(x, (list, tuple)):
             stack.extend((item, d + 1) for item in x)
+        elif isinstance(x, m.Typed):
+            stack.append((x.context, d + 1))
+            stack.extend((item, d + 1) for item in x.children)
+        elif isinstance(x, m.Op):
+            stack.append((list(x.args), d + 1))
+            stack.append((x.kwargs, d + 1))
+        elif isinstance(x, slice):
+            if not all(v is None or (isinstance(v, int) and not isinstance(v, bool)) for v in (x.start, x.stop, x.step)):
+                raise TypeError("a slice may hold only integers or None")
+        elif isinstance(x, torch.dtype):
+            if x not in _DTYPE_NAMES:
+                raise TypeError(f"dtype {x} cannot be sent")
         elif isinstance(x, dict):
             for k, v in x.items():
                 if not isinstance(k, (str, int)) or isinstance(k, bool):
@@ -536,7 +599,7 @@ def _scan(data: bytes) -> None:
                 raise DecodeError("malformed message: an extension runs past the frame")
             if code == 1:  # _EXT_TENSOR
                 continue  # its payload is parsed by tensor_from_payload, with bounds of its own
-            if code != _EXT_SLOT and code != _EXT_TUPLE:
+            if code != _EXT_SLOT and code != _EXT_TUPLE and code != _EXT_TAGGED:
                 raise DecodeError(f"unknown extension type {code - 256 if code > 127 else code}")
             if not size:
                 raise DecodeError(f"malformed message: an empty extension of type {code} at offset {start - 1}")
@@ -699,7 +762,7 @@ def _positions(x: Any) -> tuple[int, ...]:
 
 # One row per message type: wire code, class, a validator per field (in order).
 SCHEMA: dict[int, tuple[type, tuple[Callable[[Any], Any], ...]]] = {
-    1: (m.Forward, (_int, _int, _int, _tree, _dict, _list_of(_refspec), _bool, _positions)),
+    1: (m.Forward, (_int, _int, _int, _tree, _dict, _list_of(_refspec), _bool, _positions, _bool)),
     2: (m.Route, (_int, _int, _str, _int, _int)),
     3: (m.Value, (_int, _int, _int, _int, _tensor)),
     4: (m.Plan, (_int, _int, _int, _list_of(_expect), _list_of(_seed), _bool)),
@@ -712,7 +775,7 @@ SCHEMA: dict[int, tuple[type, tuple[Callable[[Any], Any], ...]]] = {
     11: (m.Ack, (_int, _tree)),
     12: (m.Failure, (_int, _dict)),
     13: (m.Commit, (_int,)),
-    14: (m.ForwardDone, (_int, _bool, _list_of(_output_meta), _int)),
+    14: (m.ForwardDone, (_int, _tree, _list_of(_output_meta), _int)),
     15: (m.CloseReady, (_int, _int, _int, _int, _bool, _int, _bool, _dict)),
     16: (m.UpdateReport, (_int, _opt_int, _bool, _int, _dict)),
     20: (m.Release, (_int, _int)),
@@ -793,6 +856,8 @@ def decode_frame(frame: Frame) -> m.Message:
             raise DecodeError(f"{cls.__name__}.{f.name}: {e.message}") from None
     if cls is m.Forward:
         _check_slots(values)
+    elif cls is m.ForwardDone:
+        _check_structure(values)
     return cls(*values)
 
 
@@ -814,6 +879,13 @@ def _check_slots(values: list) -> None:
             raise DecodeError(f"Forward.args: slot {slot.index} has no ref (only {n})")
 
 
+def _check_structure(values: list) -> None:
+    """A ForwardDone's structure holds output i's Slot exactly once for each of its outputs."""
+    n = len(values[2])
+    if sorted(s.index for s in _slots_in(values[1])) != list(range(n)):
+        raise DecodeError(f"ForwardDone.structure: its slots do not name each of the {n} outputs once")
+
+
 def _slots_in(tree: Any) -> list[m.Slot]:
     out: list[m.Slot] = []
     stack = [tree]
@@ -825,4 +897,9 @@ def _slots_in(tree: Any) -> list[m.Slot]:
             stack.extend(x)
         elif isinstance(x, dict):
             stack.extend(x.values())
+        elif isinstance(x, m.Typed):
+            stack.extend(x.children)
+        elif isinstance(x, m.Op):
+            stack.extend(x.args)
+            stack.extend(x.kwargs.values())
     return out

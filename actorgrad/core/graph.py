@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 from .messages import SEED, Expect, ForwardDone
 
@@ -22,6 +22,7 @@ class CallRecord:
     # Caller leaves: (position, tensor) per caller tensor with requires_grad among the arguments, as
     # the Forward lists them; the gradients the worker returns for them are added into their .grad.
     leaves: tuple = ()
+    key: Any = None  # what the caller recorded its result's structure under (CallerCore.structures)
 
 
 class Graph:

@@ -2,7 +2,8 @@
 
 Both sides name such a tensor by its position among the tensors of a call's argument tree
 ``(args, kwargs)``, walked in one fixed order (lists and tuples in order, dict values in key
-order, as the codec keeps them); ``Forward.leaves`` lists those positions.
+order, as the codec keeps them; a Typed record's children, an Op's arguments then its keyword
+values); ``Forward.leaves`` lists those positions.
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import torch
+
+from .messages import Op, Typed
 
 
 def _walk(tree: Any, fn: Callable[[torch.Tensor], Any]) -> Any:
@@ -21,6 +24,10 @@ def _walk(tree: Any, fn: Callable[[torch.Tensor], Any]) -> Any:
         return tuple(_walk(x, fn) for x in tree)
     if isinstance(tree, dict):
         return {k: _walk(v, fn) for k, v in tree.items()}
+    if isinstance(tree, Typed):
+        return Typed(tree.kind, tree.type, tree.context, tuple(_walk(x, fn) for x in tree.children))
+    if isinstance(tree, Op):
+        return Op(tree.fn, tuple(_walk(x, fn) for x in tree.args), {k: _walk(v, fn) for k, v in tree.kwargs.items()})
     return tree
 
 

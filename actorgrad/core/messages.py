@@ -31,6 +31,35 @@ class Slot:
 
 
 @dataclass(frozen=True, slots=True)
+class Typed:
+    """A container the wire has no native form for, by name: a namedtuple, a dataclass, a
+    PackedSequence, or another type registered with ``torch.utils._pytree`` (see core/structure.py).
+
+    ``kind``: "namedtuple", "dataclass", "packed" or "pytree"; ``type``: "module:qualname";
+    ``context``: the field names (or the pytree context, a constant tree); ``children``: the values.
+    """
+
+    kind: str
+    type: str
+    context: Any
+    children: tuple
+
+
+@dataclass(frozen=True, slots=True)
+class Op:
+    """A tensor operation on values of a call's argument tree (core/ops.py): ``fn(*args, **kwargs)``.
+
+    ``fn`` names a function of PyTorch's overridable API (``torch.Tensor.__add__``, ``torch.cat``); the
+    receiving worker evaluates it before calling its module, so an operation on Nodes is part of the
+    consumer's forward and of its VJP.
+    """
+
+    fn: str
+    args: tuple
+    kwargs: dict
+
+
+@dataclass(frozen=True, slots=True)
 class RefSpec:
     """Where a call's input slot comes from, and whether a gradient goes back."""
 
@@ -54,6 +83,9 @@ class Forward:
     # Caller leaves: positions (in core.leaves.tensors_in order) of the argument tensors whose
     # gradient goes back to the caller in the Ack of each Plan that reaches this call.
     leaves: tuple[int, ...] = ()
+    # True: no module call; the call's result is its first argument, an expression of Ops over its
+    # inputs (an operation on Nodes whose result the caller uses itself: a seed, a fetched value).
+    expr: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -220,7 +252,9 @@ class ForwardDone:
     """Worker -> caller: the reply to a Forward; the call ran and these are its outputs."""
 
     req: int
-    single: bool  # the module returned one tensor (not a tuple)
+    # What the module returned, with Slot(i) where output i (a tensor) is: constants, None and
+    # containers (tuples, lists, dicts, Typed) as they were.
+    structure: Any
     outputs: tuple[OutputMeta, ...]
     version: int  # the weight version the forward used (negative: a max_staleness snapshot)
 

@@ -15,7 +15,9 @@ from typing import Any, Callable, Optional
 import torch
 from torch.func import functional_call
 
-from .messages import Slot
+from . import ops
+from .messages import Op, Slot, Typed
+from .structure import TypeResolver, decode, encode
 
 
 @dataclass
@@ -28,30 +30,51 @@ class Saved:
 
 
 def map_leaves(tree: Any, fn: Callable[[Any], Any]) -> Any:
-    """Apply ``fn`` to every leaf of a tree of lists, tuples and dicts; keep the structure."""
+    """Apply ``fn`` to every leaf of a wire tree (lists, tuples, dicts, Typed, Op); keep the structure."""
     if isinstance(tree, list):
         return [map_leaves(x, fn) for x in tree]
     if isinstance(tree, tuple):
         return tuple(map_leaves(x, fn) for x in tree)
     if isinstance(tree, dict):
         return {k: map_leaves(v, fn) for k, v in tree.items()}
+    if isinstance(tree, Typed):
+        return Typed(tree.kind, tree.type, tree.context, tuple(map_leaves(x, fn) for x in tree.children))
+    if isinstance(tree, Op):
+        return Op(tree.fn, tuple(map_leaves(x, fn) for x in tree.args),
+                  {k: map_leaves(v, fn) for k, v in tree.kwargs.items()})
     return fn(tree)
 
 
-def fill_slots(tree: Any, values: list[torch.Tensor]) -> Any:
-    """Replace every Slot in an argument tree by its arrived value."""
-    return map_leaves(tree, lambda x: values[x.index] if isinstance(x, Slot) else x)
+_SINGLE = Slot(0)
 
 
-def flatten_outputs(result: Any) -> tuple[list[torch.Tensor], bool]:
-    """A module's result as a list of tensors, and whether it was a single tensor."""
+def flatten_outputs(result: Any) -> tuple[list[torch.Tensor], Any]:
+    """A module's result as its tensors and its structure (a wire tree with Slot(i) at tensor i)."""
     if isinstance(result, torch.Tensor):
-        return [result], True
-    if isinstance(result, (tuple, list)) and all(isinstance(r, torch.Tensor) for r in result):
-        return list(result), False
-    raise TypeError(
-        f"forward must return a tensor or a tuple of tensors, got {type(result).__name__}"
-    )
+        return [result], _SINGLE
+    outputs: list[torch.Tensor] = []
+
+    def leaf(x: Any, path: str) -> Any:
+        if isinstance(x, torch.Tensor):
+            outputs.append(x)
+            return Slot(len(outputs) - 1)
+        raise TypeError(f"forward returned a {type(x).__name__} at result{path}; a worker may return tensors, "
+                        "None and constants, nested in tuples, lists, dicts, namedtuples and dataclasses")
+
+    return outputs, encode(result, leaf)
+
+
+def build_arguments(tree: Any, leaves: list[torch.Tensor], types: TypeResolver,
+                    give: Callable[[Any], Any] = lambda x: x) -> Any:
+    """An argument tree's value: Slots filled (through ``give``), containers built, Ops evaluated."""
+    def leaf(x: Any) -> Any:
+        if type(x) is Slot:
+            return give(leaves[x.index])
+        args = tuple(decode(a, leaf, types) for a in x.args)
+        kwargs = {k: decode(v, leaf, types) for k, v in x.kwargs.items()}
+        return ops.evaluate(x, args, kwargs)
+
+    return decode(tree, leaf, types)
 
 
 def make_leaves(values: list[torch.Tensor], grad: list[bool]) -> list[torch.Tensor]:
@@ -72,8 +95,13 @@ def run_forward(
     leaves: list[torch.Tensor],
     params: Optional[dict[str, torch.Tensor]],
     save: bool,
-) -> tuple[list[torch.Tensor], bool, Optional[Saved]]:
-    """Run one call; return outputs, whether it was a single tensor, and what to save."""
+    types: Optional[TypeResolver] = None,
+    expr: bool = False,
+) -> tuple[list[torch.Tensor], Any, Optional[Saved]]:
+    """Run one call; return its output tensors, its result's structure, and what to save.
+
+    ``expr``: the call runs no module; its result is its first argument (an expression of Ops).
+    """
     with torch.set_grad_enabled(save):
         # The module gets a copy of each input that requires grad: in plain PyTorch its input is
         # another layer's output, which in-place operations (ReLU(inplace=True), x.add_(1)) may modify;
@@ -87,17 +115,22 @@ def run_forward(
                 clones[id(x)] = x.clone()
             return clones[id(x)]
 
-        call_args = map_leaves(fill_slots(args, leaves), give)
-        call_kwargs = map_leaves(fill_slots(kwargs, leaves), give)
-        if params is None:
+        types = types or TypeResolver()
+        call_args = build_arguments(args, leaves, types, give)
+        call_kwargs = build_arguments(kwargs, leaves, types, give)
+        if expr:
+            result = call_args[0]
+            if not isinstance(result, torch.Tensor):
+                raise TypeError(f"an operation on Nodes gave a {type(result).__name__}, not a tensor")
+        elif params is None:
             result = module(*call_args, **call_kwargs)
         else:
             result = functional_call(module, params, tuple(call_args), call_kwargs)
-    outputs, single = flatten_outputs(result)
+    outputs, structure = flatten_outputs(result)
     if not save:
-        return outputs, single, None
-    used = params if params is not None else dict(module.named_parameters())
-    return outputs, single, Saved(inputs=leaves, outputs=outputs, params=used)
+        return outputs, structure, None
+    used = {} if expr else params if params is not None else dict(module.named_parameters())
+    return outputs, structure, Saved(inputs=leaves, outputs=outputs, params=used)
 
 
 def default_vjp(

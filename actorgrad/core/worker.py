@@ -43,6 +43,7 @@ import torch
 
 from .. import errors as E
 from . import messages as m
+from . import module_state
 from .calls import CALL_DONE, CALL_FAILED, CALL_WAITING, CallState, CallTable
 from .diagnose import Diagnosis, describe_missing, fmt_edges
 from .leaves import mark_leaves
@@ -51,6 +52,7 @@ from .optim import OptimizerSpec
 from .passes import PASS_COMPLETE, PASS_FAILED, Arrived, PassState, PassTable, sum_arrived
 from .rng import WorkerRng
 from .rules import Rule, add_grads
+from .structure import TypeResolver
 from .steps import ABORTED, CLOSED, CLOSING, COMMITTING, OPEN, READY, Phase, StepState, StepTable
 from .trace import MESSAGE_TID, Tracer, now_us
 from .updates import Updates
@@ -90,6 +92,9 @@ class WorkerCore:
         # The mode (train/eval) that calls arriving from now on run in: worker.train()/eval() set it.
         self.training = bool(self.module.training)
         self.rng = WorkerRng(spec.seed, self.name, self.device)
+        # Classes the caller's arguments name are looked up in the module's own globals too: there
+        # cloudpickle rebuilt the user's script's classes that the module uses.
+        self.types = TypeResolver(_namespaces(self.module))
         self.max_staleness = int(spec.max_staleness)
         self.custom_backward = bool(spec.custom_backward)
         self.check_finite = bool(spec.check_finite)
@@ -235,10 +240,11 @@ class WorkerCore:
             args = _to_device(args, self.device)
             kwargs = _to_device(kwargs, self.device)
             # Caller leaves go after the routed inputs: their gradients are the VJP's extra input gradients.
-            if self.module.training != c.training:
+            if self.module.training != c.training and not msg.expr:
                 self.module.train(c.training)
             with self.rng:
-                outputs, single, saved = run_forward(self.module, args, kwargs, leaves + caller, params, msg.save)
+                outputs, structure, saved = run_forward(self.module, args, kwargs, leaves + caller, params, msg.save,
+                                                        self.types, msg.expr)
         except Exception as exc:  # the user's module raised
             self.weights.release(c)
             self._fail_call(c, self.diagnosis.forward_raised(c, exc, values))
@@ -258,7 +264,7 @@ class WorkerCore:
         c.outputs = [o.detach() for o in outputs]
         c.saved = saved
         self._out.append((None, m.ForwardDone(
-            msg.req, single,
+            msg.req, structure,
             tuple(m.OutputMeta(tuple(o.shape), str(o.dtype).removeprefix("torch."), bool(o.requires_grad))
                   for o in outputs),
             self.weights.forward_version(c))))
@@ -388,7 +394,7 @@ class WorkerCore:
             return
         t0 = now_us() if self.tracer.enabled else 0.0
         try:
-            grad_outputs = sum_arrived(ps, c, self.custom_backward, self.diagnosis.error)
+            grad_outputs = sum_arrived(ps, c, self.custom_backward and not c.msg.expr, self.diagnosis.error)
             # Outside the worker's generator: autograd's backward draws nothing (Dropout kept its mask),
             # and holding the process-wide generator lock here would serialize independent passes.
             input_grads, param_grads = self._vjp(c, grad_outputs, ps.accumulate)
@@ -416,7 +422,8 @@ class WorkerCore:
             return
         add_grads(ps.param_grads, param_grads, ps.owned)
         # Input gradients past the routed inputs belong to caller leaves: they go back with the Plan's reply.
-        for k, pos in enumerate(c.msg.leaves if c.saved is not None and not self.custom_backward else ()):
+        default = not self.custom_backward or c.msg.expr
+        for k, pos in enumerate(c.msg.leaves if c.saved is not None and default else ()):
             g = input_grads[len(c.msg.refs) + k]
             if g is not None:
                 ps.leaf_grads.append([call, pos, g.detach()])
@@ -437,7 +444,7 @@ class WorkerCore:
         if saved is None:
             raise self.diagnosis.error(E.ConfigError, "this call ran under ag.no_grad(); it has nothing saved for "
                                        "backward", c.id, c.step)
-        if not self.custom_backward:
+        if not self.custom_backward or c.msg.expr:
             return default_vjp(saved.inputs, saved.outputs, grad_outputs, saved.params if accumulate else {})
         # ag.Module.call_parameters() reads the weights this call's forward used from here.
         object.__setattr__(self.module, "_actorgrad_params", saved.params)
@@ -741,6 +748,9 @@ class WorkerCore:
             step, applied, version, metrics = self.updates.updater.take_closed()
             self._out.append((None, m.UpdateReport(msg.req, step, applied, version, metrics)))
             return
+        if msg.what == "tensors":  # worker.named_parameters() and friends: one round trip for all
+            self._ack(msg.req, module_state.tensors_of(self.module))
+            return
         sd = {k: v.detach().cpu() for k, v in self.module.state_dict().items()}
         if msg.what == "module":
             self._ack(msg.req, sd)
@@ -763,13 +773,19 @@ class WorkerCore:
             self.training = bool(state)
             self._ack(msg.req, None)
             return
+        keys = None
         try:
-            if msg.what == "module":
+            if msg.what == "load":  # worker.load_state_dict(sd, strict): as nn.Module, but all or nothing
+                keys = module_state.load(self.module, state, self.name)
+            elif msg.what == "module":
                 self.module.load_state_dict(state)
             else:
                 self.module.load_state_dict(state["module"])
                 self.updates.load(state)
                 self.rng.load(state.get("rng"))
+        except E.ActorgradError as err:
+            self._fail(msg.req, err)
+            return
         except Exception as exc:
             cls = E.ShapeError if "size mismatch" in str(exc) else E.ConfigError
             self._fail(msg.req, self.diagnosis.error(cls, f"could not load state: {exc}", exc=exc))
@@ -777,7 +793,7 @@ class WorkerCore:
         # New weights: forwards from here on must not reuse a stash or snapshot of the old ones.
         self.updates.updater.version += 1
         self.weights.loaded(state if msg.what == "full" else None, self.device)
-        self._ack(msg.req, None)
+        self._ack(msg.req, keys)
 
     # --- introspection ------------------------------------------------------
 
@@ -798,6 +814,16 @@ def process_memory() -> dict[str, int]:
     # issubclass on the type: isinstance would touch lazy torch objects and warn.
     tensors = sum(1 for o in gc.get_objects() if issubclass(type(o), torch.Tensor))
     return {"rss_bytes": rss, "live_tensors": tensors}
+
+
+def _namespaces(module: torch.nn.Module) -> list[dict]:
+    """The global namespaces of the module's classes' ``forward`` functions (each once)."""
+    found: dict[int, dict] = {}
+    for sub in module.modules():
+        g = getattr(getattr(type(sub), "forward", None), "__globals__", None)
+        if isinstance(g, dict):
+            found.setdefault(id(g), g)
+    return list(found.values())
 
 
 def _to_device(tree: Any, device: torch.device) -> Any:

@@ -17,6 +17,7 @@ import threading
 from typing import Any, Callable, Optional, TypeVar
 
 from .. import errors as E
+from .. import pickling
 from ..core import codec
 from ..core.worker import WorkerCore, WorkerSpec
 from .base import CALLER, Capabilities, Host, epoch_of, sender_key
@@ -50,7 +51,7 @@ class LocalTransport:
     def spawn(self, spec: WorkerSpec, options: dict[str, Any]) -> Any:
         """Build the worker's core here, on a private copy of the module (as Ray would)."""
         spec = copy.copy(spec)
-        spec.module = copy.deepcopy(spec.module)
+        spec.module = _private_copy(spec)
         core = WorkerCore(spec)
 
         def make() -> None:
@@ -153,3 +154,18 @@ class LocalTransport:
         self._thread.join(timeout=5)
         if not self._thread.is_alive():
             self._loop.close()
+
+
+def _private_copy(spec: WorkerSpec) -> Any:
+    """The worker's own copy of its module: a deep copy (one copy of the weights, the cheapest), or, where
+    deepcopy refuses what pickling takes (a tensor attribute with autograd history), the cloudpickle round
+    trip a Ray worker gets; ConfigError naming the object when neither works."""
+    try:
+        return copy.deepcopy(spec.module)
+    except Exception as exc:
+        log.debug("%s: deepcopy of the module failed (%r); copying it as Ray would, by pickling", spec.name, exc)
+    cp = pickling.cloudpickle_module()
+    try:
+        return cp.loads(cp.dumps(spec.module))
+    except Exception as exc:
+        raise pickling.error(spec, exc) from None

@@ -17,6 +17,7 @@ import concurrent.futures as cf
 import itertools
 import logging
 import os
+import pickle
 import sys
 import threading
 import time
@@ -27,6 +28,7 @@ import ray
 import ray.exceptions
 
 from .. import errors as E
+from .. import pickling
 from ..core import codec
 from ..core.worker import WorkerCore, WorkerSpec
 from . import death
@@ -391,9 +393,15 @@ class RayTransport:
             opts["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
                 placement_group=options["placement_group"], placement_group_bundle_index=options["bundle_index"])
             opts["num_cpus"] = options.get("bundle_cpus", opts["num_cpus"])
-        actor = ray.remote(RayHost).options(**opts).remote(self._spec_arg(spec, opts), self.namespace,
-                                                           epoch_of(self.caller),
-                                                           self.channel_config)
+        try:
+            actor = ray.remote(RayHost).options(**opts).remote(self._spec_arg(spec, opts), self.namespace,
+                                                               epoch_of(self.caller),
+                                                               self.channel_config)
+        except (TypeError, pickle.PicklingError) as exc:
+            # What ag.spawn's own check did not catch (a class Ray ships by value): the same ConfigError.
+            if "serializ" not in str(exc) and "pickle" not in str(exc):
+                raise
+            raise pickling.error(spec, exc) from None
         self._actors[spec.name] = actor
         self._watch_start(spec.name, actor)
         if self._io is not None:
@@ -437,6 +445,11 @@ class RayTransport:
                 done.set_result(ident)
 
         ref.future().add_done_callback(started)
+
+    def identity(self, worker: str) -> Optional[dict]:
+        """Where the worker runs (pid, Ray node id, node ip) once it has started; None before (no round trip)."""
+        ident = self._ident.get(worker)
+        return dict(ident) if ident else None
 
     def starting(self, worker: str) -> Optional[float]:
         """Seconds this worker has been starting (Ray placing it, its constructor running); None once up."""

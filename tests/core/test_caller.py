@@ -14,7 +14,8 @@ def ack(send: Send, data):
 
 
 def done(send: Send, shape=(4, 2), single=True, n=1):
-    return send.request, m.ForwardDone(send.msg.req, single, (m.OutputMeta(shape, "float32", True),) * n, 0)
+    structure = m.Slot(0) if single else tuple(m.Slot(i) for i in range(n))
+    return send.request, m.ForwardDone(send.msg.req, structure, (m.OutputMeta(shape, "float32", True),) * n, 0)
 
 
 def ready(send: Send, final=True, applied=True):
@@ -49,7 +50,7 @@ def test_replies_out_of_order_and_the_close_ready_commit_sequence():
     assert core.on_reply(*ack(plans[0] if plans[0].worker == "enc" else plans[1], True)) == []
     assert core.on_reply(*done(s2[0])) == []
     assert core.on_reply(*done(s1[0], (4, 8))) == []
-    assert head.meta.outputs[0].shape == (4, 2) and core.arity == {"enc": (True, 1), "head": (True, 1)}
+    assert head.meta.outputs[0].shape == (4, 2) and core.structures == {("enc",): m.Slot(0), ("head",): m.Slot(0)}
     closed, closes = core.close({"head": ((head.id, 0),)}, now=1.0)
     assert closed is step and core.step.id == 2 and step.closing
     assert [(s.worker, type(s.msg).__name__) for s in closes] == [("enc", "Close"), ("head", "Close")]

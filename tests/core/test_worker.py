@@ -44,7 +44,7 @@ def test_forward_with_constant_input_acks_with_shapes():
     x = torch.randn(4, 3)
     out = core.handle(m.Forward(1, 10, 1, [x], {}, (), True))
     meta = acks(out)[1]
-    assert meta.single is True
+    assert meta.structure == m.Slot(0)  # a single tensor
     assert meta.outputs == (m.OutputMeta((4, 2), "float32", True),)
     got = core.handle(m.Fetch(2, 10, 0))
     torch.testing.assert_close(acks(got)[2], ref(x))
