@@ -7,8 +7,9 @@ TORCH_INDEX ?=
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
+DIST ?= dist
 
-.PHONY: install demo test examples bench soak cluster-demo clean
+.PHONY: install demo test dist examples bench soak cluster-demo clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -27,14 +28,21 @@ demo: $(STAMP)  ## run the quickstart on an embedded local Ray
 test: $(STAMP)  ## run the whole test suite
 	$(PY) -m pytest -q --durations=25 tests
 
+# --no-isolation: built with .venv's setuptools (the test extra), no download. Without
+# PYTHONDONTWRITEBYTECODE, which makes setuptools warn that it does not byte-compile.
+dist: $(STAMP)  ## build the sdist and the wheel into dist/ and check them (twine check --strict)
+	rm -rf $(DIST)
+	env -u PYTHONDONTWRITEBYTECODE $(PY) -m build -q --no-isolation --outdir $(DIST) .
+	$(PY) -m twine check --strict $(DIST)/*
+
 bench: $(STAMP)  ## actorgrad vs plain PyTorch and torch.distributed.rpc; writes bench/results.md
 	$(PY) -m bench.bench
 
 soak: $(STAMP)  ## 20000 small steps on Ray; every worker's memory must stay flat; writes bench/soak.md
 	$(PY) -m bench.soak --steps 20000 --backend ray --out bench/soak.md
 
-cluster-demo: $(STAMP)  ## a real 2-node Ray cluster on this machine; submits a job; checks placement
-	PY=$(PY) bash cluster/demo.sh
+cluster-demo: dist  ## a real 2-node Ray cluster on this machine; a job that ships dist/'s wheel; checks placement
+	PY=$(PY) SHIP=wheel WHEEL="$$(ls $(DIST)/actorgrad-*.whl)" bash cluster/demo.sh
 
 examples: $(STAMP)  ## run every example; the real-data ones write examples/results/ (table and plots)
 	$(PY) examples/quickstart.py
@@ -43,4 +51,4 @@ examples: $(STAMP)  ## run every example; the real-data ones write examples/resu
 	$(PY) examples/mnist1d_compare.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache
+	rm -rf $(VENV) build $(DIST) *.egg-info .pytest_cache

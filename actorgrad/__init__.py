@@ -8,6 +8,7 @@
 import logging
 
 from . import errors
+from ._version import __version__
 from .api import (backward, graph, init, is_initialized, load, no_grad, placement, save, set_training, shutdown, spawn,
                   step, train, trace)
 from .core.rules import Rule, UpdateContext, register_rule
@@ -19,9 +20,8 @@ from .optim import Optim, Schedule
 
 logging.getLogger("actorgrad").addHandler(logging.NullHandler())
 
-__version__ = "0.1.0"
-
 __all__ = [
+    "__version__",
     "init",
     "shutdown",
     "is_initialized",

@@ -1,4 +1,4 @@
-"""``python -m actorgrad``: runtime info and trace rendering."""
+"""``python -m actorgrad``: version, runtime info and trace rendering."""
 
 from __future__ import annotations
 
@@ -6,6 +6,8 @@ import argparse
 import json
 import sys
 from typing import Optional
+
+from ._version import __version__
 
 
 def _info(_: argparse.Namespace) -> int:
@@ -58,6 +60,7 @@ def _trace(args: argparse.Namespace) -> int:
 def main(argv: Optional[list[str]] = None) -> int:
     """Entry point of ``python -m actorgrad``."""
     parser = argparse.ArgumentParser(prog="python -m actorgrad")
+    parser.add_argument("--version", action="version", version=f"actorgrad {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="versions of actorgrad, torch and ray").set_defaults(fn=_info)
     tr = sub.add_parser("trace", help="summarise a trace file; --png renders a per-worker Gantt chart")

@@ -7,8 +7,9 @@ Layout of ``path/``:
   replacing a checkpoint is one atomic step: a crash at any point leaves
   either the old or the new version as the checkpoint at ``path``;
 - ``v-<counter>-<random>/``: one version, holding
-  ``meta.msgpack`` (format tag, the step counter, and per worker its name,
-  module class, options, file name and the SHA-256 of that file),
+  ``meta.msgpack`` (format tag and version, the actorgrad version that wrote
+  it, the step counter, and per worker its name, module class, options, file
+  name and the SHA-256 of that file),
   ``<index>.pt`` (the worker's module state, optimizer state and weight
   version, written by ``torch.save`` and read back with
   ``torch.load(weights_only=True)``: tensors and plain values only, nothing
@@ -31,6 +32,10 @@ not authenticity: whoever can write the directory can recompute them. With a
 signing key (``key=`` or the ``ACTORGRAD_CHECKPOINT_KEY`` environment variable)
 ``meta.msgpack`` is authenticated with HMAC-SHA256, and through its SHA-256s
 every file.
+
+Compatibility is the format version's business: a reader refuses a checkpoint of
+another ``FORMAT_VERSION`` and reads any of its own, whichever actorgrad version
+wrote it (it logs a warning naming both versions when they differ).
 
 This module is the on-disk format only (``write_checkpoint``,
 ``open_checkpoint``, ``read_checkpoint``, ``verify``, ``read_meta``) and knows
@@ -55,11 +60,13 @@ import msgpack
 import torch
 
 from . import errors as E
+from ._version import __version__
 
 
 log = logging.getLogger("actorgrad.checkpoint")
 
 FORMAT = "actorgrad-checkpoint"
+# Bump only for a change that this version's reader could misread: a new optional key is not one.
 FORMAT_VERSION = 1
 META = "meta.msgpack"
 POINTER = "LATEST"
@@ -401,7 +408,8 @@ def write_checkpoint(path: str, step: int, entries: Iterable[Entry], *, key: Key
                 workers.append({"name": name, "class": module_class, "options": options, "file": fname,
                                 "sha256": digest})
                 del state  # do not hold the last state while the next one is gathered
-            meta = {"format": FORMAT, "version": FORMAT_VERSION, "step": step, "workers": workers}
+            meta = {"format": FORMAT, "version": FORMAT_VERSION, "actorgrad_version": __version__, "step": step,
+                    "workers": workers}
             try:
                 blob = msgpack.packb(meta, use_bin_type=True)
             except Exception as exc:
@@ -545,7 +553,9 @@ def _decode_meta(blob: bytes, mpath: str) -> dict[str, Any]:
     if not ok:
         raise E.CheckpointError(f"{mpath!r} is not an actorgrad checkpoint of a known format")
     if meta.get("version") != FORMAT_VERSION:
-        raise E.CheckpointError(f"checkpoint format version {meta.get('version')!r} is not supported")
+        raise E.CheckpointError(
+            f"{mpath!r} is in checkpoint format version {meta.get('version')!r} (written by "
+            f"{_writer(meta)}); actorgrad {__version__} reads format version {FORMAT_VERSION} only")
     for w in meta["workers"]:
         f = w["file"]
         if os.path.basename(f) != f or f in ("", ".", "..", META, SIGNATURE, POINTER, LOCK):
@@ -554,6 +564,24 @@ def _decode_meta(blob: bytes, mpath: str) -> dict[str, Any]:
     if len(set(names)) != len(names):
         raise E.CheckpointError(f"{mpath!r} lists a worker twice")
     return meta
+
+
+def _writer(meta: dict[str, Any]) -> str:
+    """Which actorgrad wrote a checkpoint, in words."""
+    written_by = meta.get("actorgrad_version")
+    return f"actorgrad {written_by}" if isinstance(written_by, str) else "an actorgrad that did not record its version"
+
+
+def _note_version(meta: dict[str, Any], path: str) -> None:
+    """Log a warning when the checkpoint at ``path`` was written by another actorgrad version."""
+    written_by = meta.get("actorgrad_version")
+    if written_by == __version__:
+        return
+    if written_by is None:  # written before checkpoints recorded it; same format, so nothing to warn about
+        log.info("the checkpoint at %s does not record the actorgrad version that wrote it", path)
+        return
+    log.warning("the checkpoint at %s was written by actorgrad %s, and this is actorgrad %s; its format "
+                "(version %d) is the same, so it is read as usual", path, written_by, __version__, FORMAT_VERSION)
 
 
 class Snapshot:
@@ -642,6 +670,7 @@ def _open_version(path: str, pfd: int, pointer: Optional[str], sign: Optional[by
             if not hmac.compare_digest(mac, hmac.new(sign, blob, hashlib.sha256).hexdigest().encode()):
                 raise E.CheckpointError(f"the checkpoint at {path!r} does not match its signature (wrong key, "
                                         "or modified)")
+        _note_version(meta, path)  # after the signature: a forged version must not be reported as fact
         for w in meta["workers"]:
             fds[w["name"]] = _open_member(vfd, w["file"], where)
             if pointer is not None:

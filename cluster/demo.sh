@@ -6,12 +6,23 @@
 #
 # 1. starts a head node (custom resource head_node=4) and a second node that joins it
 #    (worker_node=4): two raylets, two object stores, one GCS and one dashboard;
-# 2. submits cluster/placement_job.py with `ray job submit --working-dir .`: the job pins the
-#    worker `enc` to the head node and `head` to the second node, trains 20 steps, prints
+# 2. submits cluster/placement_job.py as a Ray job: the job pins the worker `enc` to the head
+#    node and `head` to the second node, trains 20 steps, prints
 #    `PLACEMENT enc=<node id> head=<node id>` and `JOB OK`, and writes a checkpoint;
 # 3. checks that the job SUCCEEDED, that enc and head ran on two different nodes (both being
-#    nodes of this cluster), and that the checkpoint exists;
+#    nodes of this cluster), that the driver and a worker on each node imported actorgrad from
+#    what the job shipped (not from this checkout), and that the checkpoint exists;
 # 4. always stops the cluster (trap on EXIT).
+#
+# How the job gets actorgrad (SHIP):
+#   SHIP=wheel (default; `make cluster-demo`) ships a built wheel: WHEEL (make cluster-demo
+#     passes the one `make dist` built; otherwise this script builds one) goes in the job's
+#     runtime env as `py_modules`, and the job's working dir holds placement_job.py alone.
+#     Ray installs such a wheel on each node with `pip install --target`, which would install
+#     every dependency again (torch, a second Ray: ray-project/ray#27624); the nodes run with
+#     PIP_NO_DEPS=1 so that it installs actorgrad alone (see cluster/README.md, section 2).
+#   SHIP=workdir, the alternative for development: `--working-dir .` uploads the repository
+#     root, whose actorgrad/ is then imported everywhere; no build step.
 #
 # Teardown stops exactly the Ray processes this script started: each node is a
 # `ray start --block` process in the background, and SIGTERM to it makes Ray kill the
@@ -21,7 +32,7 @@
 # the blunt fallback if something is left over. The cluster also gets a temp dir of its own,
 # so that a plain `ray.init()` / `ag.init()` elsewhere on this machine does not join it.
 #
-# Environment: PY (default .venv/bin/python), RAY (default: the `ray` next to PY),
+# Environment: PY (default .venv/bin/python), RAY (default: the `ray` next to PY), SHIP and WHEEL (above),
 # GCS_PORT (default 6390), DASHBOARD_PORT (default 8265), JOB_TIMEOUT (seconds, default 600),
 # KEEP_LOGS=1 to keep the temp dir (node and job logs) after the demo.
 set -euo pipefail
@@ -30,6 +41,9 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 PY=${PY:-.venv/bin/python}
 RAY=${RAY:-$(dirname "$PY")/ray}
 JOB_TIMEOUT=${JOB_TIMEOUT:-600}
+SHIP=${SHIP:-wheel}
+WHEEL=${WHEEL:-}
+REPO=$(pwd -P)
 T0=$(date +%s)
 
 say() { printf '[cluster-demo %3ss] %s\n' "$(( $(date +%s) - T0 ))" "$*"; }
@@ -37,6 +51,8 @@ die() { say "FAILED: $*" >&2; exit 1; }
 
 [ -x "$PY" ] || die "no Python interpreter at $PY (run 'make install' first, or set PY)"
 [ -x "$RAY" ] || die "no ray CLI at $RAY (set RAY)"
+case "$SHIP" in wheel|workdir) ;; *) die "SHIP must be wheel or workdir, not '$SHIP'" ;; esac
+[ -z "$WHEEL" ] || [ -f "$WHEEL" ] || die "no wheel at WHEEL=$WHEEL (run 'make dist')"
 # The job's entrypoint runs `python`: the nodes must find this interpreter first on PATH.
 BIN_DIR=$(cd "$(dirname "$PY")" && pwd)
 export PATH="$BIN_DIR:$PATH"
@@ -125,9 +141,30 @@ wait_for_nodes() {  # wait_for_nodes N TIMEOUT
     done
 }
 
-say "Ray $("$PY" -c 'import ray; print(ray.__version__)'), python $PY, temp dir $WORK"
+say "Ray $("$PY" -c 'import ray; print(ray.__version__)'), python $PY, temp dir $WORK, SHIP=$SHIP"
+if [ "$SHIP" = wheel ]; then
+    if [ -z "$WHEEL" ]; then
+        say "building the wheel (python -m build --wheel)"
+        "$PY" -m build --no-isolation --wheel --outdir "$WORK/dist" . >"$WORK/build.log" 2>&1 \
+            || { tail -n 20 "$WORK/build.log" >&2; die "the wheel did not build; see $WORK/build.log"; }
+        WHEEL=$(ls "$WORK"/dist/actorgrad-*.whl)
+    fi
+    WHEEL=$(cd "$(dirname "$WHEEL")" && pwd -P)/$(basename "$WHEEL")
+    # The job's working dir: its script, and nothing of actorgrad's source.
+    mkdir "$WORK/job"
+    cp cluster/placement_job.py "$WORK/job/"
+    say "shipping $(basename "$WHEEL") with the job (runtime env py_modules); working dir: placement_job.py alone"
+    NODE_ENV=(env PIP_NO_DEPS=1)
+    SUBMIT=(--working-dir "$WORK/job" --runtime-env-json "{\"py_modules\": [\"$WHEEL\"]}"
+            -- python placement_job.py)
+else
+    say "shipping the repository root as the job's working dir"
+    NODE_ENV=(env)
+    EXCLUDES='[".venv", ".git", "docs", "*.egg-info", "__pycache__", ".pytest_cache", "dist", "build"]'
+    SUBMIT=(--working-dir . --runtime-env-json "{\"excludes\": $EXCLUDES}" -- python cluster/placement_job.py)
+fi
 say "starting the head node: GCS 127.0.0.1:$GCS_PORT, dashboard $DASH_URL, resources CPU=1 head_node=4"
-"$RAY" start --head --block \
+"${NODE_ENV[@]}" "$RAY" start --head --block \
     --node-ip-address=127.0.0.1 --port="$GCS_PORT" \
     --dashboard-host=127.0.0.1 --dashboard-port="$DASHBOARD_PORT" \
     --dashboard-agent-listen-port="$(free_port)" --ray-client-server-port="$(free_port)" \
@@ -141,7 +178,7 @@ say "head node up"
 # its own (as on a real second machine: two nodes sharing one runtime_resources directory race
 # each other when they set up a job's runtime env).
 say "starting a second node: joins 127.0.0.1:$GCS_PORT, resources CPU=1 worker_node=4"
-"$RAY" start --block \
+"${NODE_ENV[@]}" "$RAY" start --block \
     --address="127.0.0.1:$GCS_PORT" --node-ip-address=127.0.0.1 \
     --dashboard-agent-listen-port="$(free_port)" \
     --num-cpus=1 --resources='{"worker_node": 4}' \
@@ -159,12 +196,10 @@ for n in list_nodes(address=sys.argv[1], filters=[("state", "=", "ALIVE")], time
 EOF
 
 JOB_ID="actorgrad_demo_$(date +%Y%m%d_%H%M%S)_$$"
-say "submitting job $JOB_ID: python cluster/placement_job.py"
+say "submitting job $JOB_ID: placement_job.py"
 set +e
 timeout "$JOB_TIMEOUT" "$RAY" job submit --address "$DASH_URL" --submission-id "$JOB_ID" \
-    --working-dir . \
-    --runtime-env-json '{"excludes": [".venv", ".git", "docs", "*.egg-info", "__pycache__", ".pytest_cache"]}' \
-    -- python cluster/placement_job.py --steps 20 --ckpt "$WORK/ckpt"
+    "${SUBMIT[@]}" --steps 20 --ckpt "$WORK/ckpt"
 SUBMIT_RC=$?
 set -e
 T_JOB=$(date +%s)
@@ -197,11 +232,26 @@ EOF
 grep -q "^$ENC_NODE head_node$" <<<"$NODES" || die "enc's node $ENC_NODE is not the head_node node: $NODES"
 grep -q "^$HEAD_NODE worker_node$" <<<"$NODES" || die "head's node $HEAD_NODE is not the worker_node node: $NODES"
 grep -q '^JOB OK$' "$WORK/job.log" || die "the job did not print JOB OK"
-[ -f "$WORK/ckpt/meta.msgpack" ] || die "no checkpoint at $WORK/ckpt"
+[ -f "$WORK/ckpt/LATEST" ] || [ -f "$WORK/ckpt/meta.msgpack" ] || die "no checkpoint at $WORK/ckpt"
+# Where the driver and a Ray worker on each node imported actorgrad from: what the job shipped
+# (Ray unpacks py_modules and working dirs under each node's runtime_resources/), never this checkout.
+IMPORTS=$(grep -E 'imports actorgrad [^ ]+ from ' "$WORK/job.log" | sed -E 's/.* from //')
+[ "$(wc -l <<<"$IMPORTS")" -ge 3 ] || die "expected 3 'imports actorgrad' lines in the job's logs: $IMPORTS"
+SHIPPED=$([ "$SHIP" = wheel ] && echo py_modules_files || echo working_dir_files)
+while read -r path; do
+    case "$path" in
+        "$REPO"/*) die "actorgrad was imported from this checkout ($path), not from what the job shipped" ;;
+        */runtime_resources/"$SHIPPED"/*) ;;
+        *) die "actorgrad was imported from $path, not from the job's $SHIPPED" ;;
+    esac
+done <<<"$IMPORTS"
+WANT_VERSION=$("$PY" -c 'import runpy; print(runpy.run_path("actorgrad/_version.py")["__version__"])')
+grep -qE "imports actorgrad $WANT_VERSION from " "$WORK/job.log" || die "the job did not import actorgrad $WANT_VERSION"
 
 say "$PLACEMENT"
 say "enc ran on the head_node node, head on the worker_node node: two distinct nodes"
 say "$(grep -E '^LOSSES ' "$WORK/job.log" | awk '{print "loss " $2 " -> " $NF " over " NF-1 " steps"}')"
 say "$(grep -E '^TIMINGS ' "$WORK/job.log")"
 say "checkpoint: $(ls "$WORK/ckpt" | tr '\n' ' ')"
+say "actorgrad $WANT_VERSION imported by the driver and on both nodes from the job's $SHIPPED ($SHIP)"
 say "timings: cluster up $(( T_UP - T0 )) s, job $(( T_JOB - T_UP )) s, total so far $(( $(date +%s) - T0 )) s"

@@ -4,6 +4,13 @@ Submitted by ``cluster/demo.sh`` (``make cluster-demo``) to a cluster whose head
 advertises the custom resource ``head_node`` and whose second node advertises
 ``worker_node``:
 
+    make dist    # dist/actorgrad-<version>-py3-none-any.whl
+    ray job submit --address http://127.0.0.1:8265 --working-dir <a folder holding this script> \\
+        --runtime-env-json '{"py_modules": ["dist/actorgrad-<version>-py3-none-any.whl"]}' \\
+        -- python placement_job.py
+
+or, for development, with the repository root as the working dir (actorgrad's source in it):
+
     ray job submit --address http://127.0.0.1:8265 --working-dir . \\
         --runtime-env-json '{"excludes": [".venv", ".git", "docs"]}' \\
         -- python cluster/placement_job.py
@@ -44,11 +51,11 @@ def actor_nodes(names: list[str], timeout: float = 30.0) -> dict[str, dict]:
 
 
 @ray.remote(num_cpus=0)
-def where_is_actorgrad() -> tuple[str, str]:
-    """The node id of a Ray worker process, and the file its `import actorgrad` loaded."""
+def where_is_actorgrad() -> tuple[str, str, str]:
+    """The node id of a Ray worker process, and the version and file its `import actorgrad` loaded."""
     import actorgrad as imported
 
-    return ray.get_runtime_context().get_node_id(), imported.__file__
+    return ray.get_runtime_context().get_node_id(), imported.__version__, imported.__file__
 
 
 def main() -> None:
@@ -65,10 +72,10 @@ def main() -> None:
     ag.init()
     print(f"connected: RAY_ADDRESS={os.environ.get('RAY_ADDRESS')!r} job={ray.get_runtime_context().get_job_id()} "
           f"nodes={len([n for n in ray.nodes() if n['Alive']])} driver_node={ray.get_runtime_context().get_node_id()}")
-    print(f"driver imports actorgrad from {ag.__file__}")
+    print(f"driver imports actorgrad {ag.__version__} from {ag.__file__}")
     for res in (args.trunk_resource, args.head_resource):
-        node, path = ray.get(where_is_actorgrad.options(resources={res: 0.01}).remote())
-        print(f"a Ray worker on the {res} node ({node[:12]}) imports actorgrad from {path}")
+        node, version, path = ray.get(where_is_actorgrad.options(resources={res: 0.01}).remote())
+        print(f"a Ray worker on the {res} node ({node[:12]}) imports actorgrad {version} from {path}")
 
     torch.manual_seed(0)
     try:
