@@ -97,8 +97,15 @@ def _current() -> Runtime:
 def spawn(module: torch.nn.Module, *, optimizer: Any = None, name: Optional[str] = None, update: Any = "step",
           max_staleness: int = 0, num_cpus: Optional[float] = None, num_gpus: Optional[float] = None,
           resources: Optional[dict[str, float]] = None, device: Any = None,
-          max_restarts: Optional[int] = None) -> Worker:
+          max_restarts: Optional[int] = None, replicas: int = 1,
+          replica_placement: Optional[str] = None) -> Worker:
     """Place any torch.nn.Module in its own worker.
+
+    ``replicas=n`` runs it in n workers (n processes on Ray) that act as one: a step's calls go to
+    them in turn, each call's backward runs where its forward ran, and at the end of the step they
+    sum their gradients and apply the same update, so that the parameters stay identical and equal
+    to one module trained on every call. ``replica_placement`` ("spread", "strict_spread", ...)
+    places the replicas as one placement group with that strategy (e.g. on different nodes).
 
     ``max_restarts`` (Ray backend) lets Ray restart this worker's process that many times; a value
     above 0 switches the runtime's recovery on (see ``ag.init(recover=True)``); None takes the
@@ -106,7 +113,7 @@ def spawn(module: torch.nn.Module, *, optimizer: Any = None, name: Optional[str]
     """
     return runtime().spawn(module, optimizer=optimizer, name=name, update=update, max_staleness=max_staleness,
                            num_cpus=num_cpus, num_gpus=num_gpus, resources=resources, device=device,
-                           max_restarts=max_restarts)
+                           max_restarts=max_restarts, replicas=replicas, replica_placement=replica_placement)
 
 
 def train(step_fn: Callable[[int], Any], steps: int, *, timeout: Optional[float] = None) -> list[StepReport]:

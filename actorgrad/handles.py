@@ -336,6 +336,9 @@ class WorkerReport:
     lr: Optional[float] = None
     lrs: tuple[float, ...] = ()
     clipped: bool = False
+    # A replicated worker: this row is the worker (calls and passes summed over its replicas, the
+    # update they all applied); ``replicas`` holds one row per replica.
+    replicas: tuple["WorkerReport", ...] = ()
 
     @classmethod
     def from_dict(cls, name: str, d: dict[str, Any]) -> "WorkerReport":
@@ -409,7 +412,7 @@ class StepReport:
                  "yes" if w.clipped else "-", _num(w.update_norm),
                  _num(w.lr) if len(w.lrs) <= 1 else "/".join(_num(x) for x in w.lrs),
                  "-" if w.staleness is None else str(w.staleness)]
-                for w in self.workers.values()]
+                for w in self.workers.values() for w in (w, *w.replicas)]
         widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(cols)]
         lines = [head, "  " + "  ".join(c.ljust(wd) for c, wd in zip(cols, widths)).rstrip()]
         lines += ["  " + "  ".join(v.ljust(wd) for v, wd in zip(r, widths)).rstrip() for r in rows]

@@ -119,6 +119,8 @@ def describe(name: str, module_class: str, info: Any, backend: Optional[str], tr
     if where and where.get("node_id"):
         place += f" on node {str(where['node_id'])[:8]}" + (f" ({where['ip']})" if where.get("ip") else "")
     parts.append(place)
+    if options.get("replicas"):
+        parts.append(f"replicas={options['replicas']}")
     for key in ("num_cpus", "num_gpus", "resources", "device"):
         if options.get(key) not in (None, {}, 0):
             parts.append(f"{key}={options[key]!r}")

@@ -73,6 +73,8 @@ class Runtime(Protocol):
     def get_state(self, worker: str, what: str, timeout: Optional[float]) -> Any: ...
     def set_state(self, worker: str, what: str, state: Any, timeout: Optional[float]) -> None: ...
     def set_training(self, workers: list[str], mode: bool, timeout: Optional[float]) -> None: ...
+    def members(self, worker: str) -> tuple[str, ...]: ...
+    group_of: dict[str, str]  # replica -> the replicated worker it belongs to
     def new_epoch(self, first_step: int) -> None: ...
 
 
@@ -89,7 +91,7 @@ def save(rt: Runtime, path: str, timeout: Optional[float] = None, key: Key = Non
             raise E.CheckpointError(
                 f"step {rt.step.id} has calls in flight; call ag.step() before ag.save()", step=rt.step.id)
         step = rt.step.id - 1
-        workers = sorted(rt.workers.items())
+        workers = sorted(_primaries(rt).items())
 
         def gather() -> Iterable[Entry]:
             for name, info in workers:  # one state at a time: only one module's copy is in memory
@@ -106,8 +108,9 @@ def _read(rt: Runtime, path: str, key: Key) -> tuple[int, dict[str, Any]]:
     with open_checkpoint(path, key) as snap:
         meta = snap.meta
         entries = {w["name"]: w for w in meta["workers"]}
-        missing = sorted(set(rt.workers) - set(entries))
-        extra = sorted(set(entries) - set(rt.workers))
+        primaries = _primaries(rt)
+        missing = sorted(set(primaries) - set(entries))
+        extra = sorted(set(entries) - set(primaries))
         if missing:
             raise E.CheckpointError(f"the checkpoint has no entry for worker(s) {missing}", worker=missing[0])
         if extra:
@@ -126,7 +129,14 @@ def _read(rt: Runtime, path: str, key: Key) -> tuple[int, dict[str, Any]]:
                         f"the checkpoint was taken with {opt}={saved_opts[opt]!r} for this worker, but it runs "
                         f"with {opt}={info.options[opt]!r}", worker=name)
         # Every state is read (and checked) before any worker changes: a bad file leaves all as they were.
-        return meta["step"], {name: snap.state(name) for name in sorted(entries)}
+        # A replicated worker's entry (one, whatever its replica count) goes to each of its replicas.
+        states = {name: snap.state(name) for name in sorted(entries)}
+        return meta["step"], {m: state for name, state in states.items() for m in rt.members(name)}
+
+
+def _primaries(rt: Runtime) -> dict[str, Any]:
+    """The workers a checkpoint holds: one per replicated worker (its first replica, which has its name)."""
+    return {name: info for name, info in rt.workers.items() if rt.group_of.get(name, name) == name}
 
 
 def _restore(rt: Runtime, states: dict[str, Any], timeout: Optional[float]) -> None:

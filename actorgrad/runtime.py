@@ -11,12 +11,14 @@ recovery and checkpoint orchestration are in ``recovery.py``.
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import queue
 import threading
 import time
 import weakref
+from dataclasses import replace
 from typing import Any, Callable, Optional
 
 import torch
@@ -108,6 +110,10 @@ class Runtime:
         self.backend = transport.name
         self.timeout = float(timeout)
         self.workers: dict[str, WorkerInfo] = {}
+        # Replicated workers: the name a user holds -> every replica's worker name (the first is that name).
+        self.replicas: dict[str, tuple[str, ...]] = {}
+        self.group_of: dict[str, str] = {}  # replica -> the replicated worker it belongs to
+        self._rr: tuple[int, dict[str, int]] = (-1, {})  # (step, calls issued per replicated worker)
         self.closed = False
         self.core = CallerCore(now=time.perf_counter())
         self.core.structures[EXPR_KEY] = m.Slot(0)
@@ -351,8 +357,9 @@ class Runtime:
 
     def spawn(self, module: torch.nn.Module, *, optimizer: Any, name: Optional[str], update: Any, max_staleness: int,
               num_cpus: Optional[float], num_gpus: Optional[float], resources: Optional[dict], device: Any,
-              max_restarts: Optional[int] = None) -> Worker:
-        """Place ``module`` in a worker of its own."""
+              max_restarts: Optional[int] = None, replicas: int = 1,
+              replica_placement: Optional[str] = None) -> Worker:
+        """Place ``module`` in a worker of its own (``replicas`` > 1: in that many, as one worker)."""
         with self._lock:
             self._check_open()
             if not isinstance(module, torch.nn.Module):
@@ -360,33 +367,81 @@ class Runtime:
             if name is None:
                 name = spawning.default_name(module, self.workers, self._class_counts)
             name = spawning.check_name(name, self.workers)
+            members = spawning.replica_names(name, replicas, update, max_staleness, replica_placement, self.workers)
             if max_restarts and self.recovery is None:
                 log.info("worker %s may be restarted: switching recovery on with its defaults", name)
                 self.enable_recovery()
-            defaults = spawning.Defaults(
-                places_gpus=self.transport.capabilities.places_gpus, trace=self.tracer.enabled,
-                check_finite=self.check_finite, deadline=self.worker_timeout, seed=self.seed,
-                max_restarts=self.recovery.max_restarts if self.recovery is not None else 0)
-            s = spawning.build(module, name, optimizer=optimizer, update=update, max_staleness=max_staleness,
-                               num_cpus=num_cpus, num_gpus=num_gpus, resources=resources, device=device,
-                               max_restarts=max_restarts, defaults=defaults)
-            self.owned.check(module, name, self.workers)
-            opts = s.options
-            self.transport.check_feasible(name, {"CPU": opts["num_cpus"] or 0, "GPU": opts["num_gpus"] or 0,
-                                                 **(opts["resources"] or {})})
-            deferred = self._group is not None and self.transport.capabilities.placement_groups
-            actor = None
-            if deferred:
-                assert self._group is not None
-                self._group[1].append((s.spec, opts))
-            else:
-                actor = self.transport.spawn(s.spec, opts)
-            handle = Worker(self, name, actor, type(module).__name__, training=module.training)
-            self.workers[name] = spawning.info_of(s, handle, placed=not deferred)
-            self.workers_changed += 1
-            self.owned.own(module, name)
-            log.info("spawned worker %s (%s) on %s", name, type(module).__name__, self.backend)
+            implicit = replica_placement is not None and self._group is None
+            if implicit:
+                self.begin_placement(replica_placement)
+            try:
+                handle = None
+                for rank, member in enumerate(members):
+                    # Every replica starts from the same parameters, buffers and (built there) optimizer state.
+                    copy_ = module if rank == 0 else copy.deepcopy(module)
+                    h = self._spawn_one(copy_, member, members if len(members) > 1 else (), optimizer=optimizer,
+                                        update=update, max_staleness=max_staleness, num_cpus=num_cpus,
+                                        num_gpus=num_gpus, resources=resources, device=device,
+                                        max_restarts=max_restarts)
+                    handle = handle or h
+            except BaseException:
+                if implicit:
+                    self.end_placement(None, abandon=True)
+                for member in members[1:]:
+                    self.workers.pop(member, None)
+                raise
+            if len(members) > 1:
+                self.replicas[name] = members
+                for member in members:
+                    self.group_of[member] = name
+            if implicit:
+                self.end_placement(None)
+            assert handle is not None
             return handle
+
+    def _spawn_one(self, module: torch.nn.Module, name: str, members: tuple[str, ...], *, optimizer: Any,
+                   update: Any, max_staleness: int, num_cpus: Optional[float], num_gpus: Optional[float],
+                   resources: Optional[dict], device: Any, max_restarts: Optional[int]) -> Worker:
+        defaults = spawning.Defaults(
+            places_gpus=self.transport.capabilities.places_gpus, trace=self.tracer.enabled,
+            check_finite=self.check_finite, deadline=self.worker_timeout, seed=self.seed,
+            max_restarts=self.recovery.max_restarts if self.recovery is not None else 0)
+        s = spawning.build(module, name, optimizer=optimizer, update=update, max_staleness=max_staleness,
+                           num_cpus=num_cpus, num_gpus=num_gpus, resources=resources, device=device,
+                           max_restarts=max_restarts, defaults=defaults)
+        s.spec.replicas = members
+        if members:
+            s.options["replicas"] = len(members)
+        self.owned.check(module, name, self.workers)
+        opts = s.options
+        self.transport.check_feasible(name, {"CPU": opts["num_cpus"] or 0, "GPU": opts["num_gpus"] or 0,
+                                             **(opts["resources"] or {})})
+        deferred = self._group is not None and self.transport.capabilities.placement_groups
+        actor = None
+        if deferred:
+            assert self._group is not None
+            self._group[1].append((s.spec, opts))
+        else:
+            actor = self.transport.spawn(s.spec, opts)
+        handle = Worker(self, name, actor, type(module).__name__, training=module.training)
+        self.workers[name] = spawning.info_of(s, handle, placed=not deferred)
+        self.workers_changed += 1
+        self.owned.own(module, name)
+        log.info("spawned worker %s (%s) on %s", name, type(module).__name__, self.backend)
+        return handle
+
+    def members(self, worker: str) -> tuple[str, ...]:
+        """The workers a name stands for: its replicas, or itself."""
+        return self.replicas.get(worker, (worker,))
+
+    def _replica_for(self, worker: str, step: StepRecord) -> str:
+        """The replica that runs the next call of a replicated worker in this step: round robin by call."""
+        if self._rr[0] != step.id:
+            self._rr = (step.id, {})
+        members = self.replicas[worker]
+        k = self._rr[1].get(worker, 0)
+        self._rr[1][worker] = k + 1
+        return members[k % len(members)]
 
     def begin_placement(self, strategy: str) -> None:
         """Start collecting spawned workers into one placement group."""
@@ -459,6 +514,9 @@ class Runtime:
             self.core.step_for_call(time.perf_counter())
             recovery.auto_checkpoint(self)
             step = self.core.step
+            group = worker
+            if worker in self.replicas and not expr:
+                worker = self._replica_for(worker, step)
             if step.error is not None:
                 # An earlier call of this step failed: its error, here, rather than Nodes that stand for nothing.
                 raise self._deliver(step)
@@ -512,7 +570,7 @@ class Runtime:
                         leaf_pos.append(i)
                         leaf_src.append(src)
             self._flush_released()
-            key = EXPR_KEY if expr else (worker, _flags(args, kwargs))
+            key = EXPR_KEY if expr else (group, _flags(args, kwargs))
             rec, sends = self.core.call(worker, step, args_t, kwargs_t, refs, grad_on, tuple(leaf_pos),
                                         tuple(leaf_src), key, expr)
             self._send(sends)
@@ -681,7 +739,7 @@ class Runtime:
                 if x._runtime is not self or x.name not in self.workers:
                     raise E.ConfigError("inputs= names a worker of another runtime, or one that is gone (spawned "
                                         "before the last ag.init()?)", worker=x.name)
-                names.add(x.name)
+                names.update(self.members(x.name))
             elif isinstance(x, torch.Tensor) and x.requires_grad:
                 tensors.append(x)
             else:
@@ -750,6 +808,9 @@ class Runtime:
                     retain[n.call.worker] += ((n.call.id, n.out),)
             # Workers whose schedule steps with every ag.step() hear of this one even without a call in it.
             always = [n for n, w in self.workers.items() if w.placed and steps_every_step(w.optimizer)]
+            # Every replica of a worker the step used takes part in its update, with calls there or not.
+            used = step.participants()
+            always += [m for members in self.replicas.values() if used.intersection(members) for m in members]
             step, sends = self.core.close(retain, time.perf_counter(), always)
             self._send(sends)
             handle = StepHandle(self, step)
@@ -799,11 +860,20 @@ class Runtime:
             finally:
                 if step.error is not None:
                     self.core.finish(step)
-            step.report = StepReport(
-                step=step.id, workers={w: WorkerReport.from_dict(w, d) for w, d in sorted(step.reports.items())},
-                passes=len(step.passes), seconds=time.perf_counter() - step.started)
+            step.report = StepReport(step=step.id, workers=self._reports(step), passes=len(step.passes),
+                                     seconds=time.perf_counter() - step.started)
             self.core.finish(step)
             return step.report
+
+    def _reports(self, step: StepRecord) -> dict[str, WorkerReport]:
+        """One row per worker of the step; a replicated worker's row sums its replicas' and holds theirs."""
+        rows = {w: WorkerReport.from_dict(w, d) for w, d in sorted(step.reports.items())}
+        for name, members in self.replicas.items():
+            parts = tuple(replace(rows.pop(m), name=f"{name}[{i}]") for i, m in enumerate(members) if m in rows)
+            if parts:
+                rows[name] = replace(parts[0], name=name, calls=sum(p.calls for p in parts),
+                                     passes=sum(p.passes for p in parts), replicas=parts)
+        return dict(sorted(rows.items()))
 
     # --- values and state ------------------------------------------------------
 
@@ -862,13 +932,15 @@ class Runtime:
             codec.check_value_tree(state)
         except TypeError as exc:
             raise E.ConfigError(f"cannot send this state: {exc}", worker=worker) from None
-        return self._state_request(worker, what, state, True, timeout, f"loading state into '{worker}'")
+        answers = [self._state_request(w, what, state, True, timeout, f"loading state into '{w}'")
+                   for w in self.members(worker)]
+        return answers[0]
 
     def set_training(self, workers: list[str], mode: bool, timeout: Optional[float]) -> None:
         """Switch these workers' modules to training (True) or evaluation mode, for the calls issued from now on."""
         mode = bool(mode)
         with self._lock:
-            infos = [self._info(w) for w in workers]
+            infos = [self._info(m) for w in workers for m in self.members(w)]
             # Every request leaves first: one round trip for all workers. A worker applies the mode to
             # the calls that reach it after this message (calls are delivered in order).
             pending = []

@@ -93,6 +93,38 @@ def check_name(name: Any, taken: dict[str, Any]) -> str:
     return name
 
 
+def replica_names(name: str, replicas: Any, update: Any, max_staleness: int, placement: Optional[str],
+                  taken: dict[str, Any]) -> tuple[str, ...]:
+    """The workers of ``ag.spawn(..., replicas=n)``: ``name``, ``name[1]``, ... (checked); one name for n=1.
+
+    Replicas agree on one update per step (core/replicas.py), so only rules that apply at step close
+    make sense for them: a rule that applies per pass (``update="pass"``), a callable or a custom rule
+    would update each replica from its own calls' gradients alone, and ``max_staleness`` lets a
+    replica run forwards on weights its peers have already left; both are refused.
+    """
+    if not isinstance(replicas, int) or isinstance(replicas, bool) or replicas < 1:
+        raise E.ConfigError(f"replicas must be an integer >= 1, got {replicas!r}", worker=name)
+    if placement is not None and placement not in PLACEMENT_STRATEGIES:
+        raise E.ConfigError(f"replica_placement must be one of {PLACEMENT_STRATEGIES}, got {placement!r}",
+                            worker=name)
+    if replicas == 1:
+        return (name,)
+    if update != "step":
+        raise E.ConfigError(
+            f"update={update!r} with replicas={replicas}: replicas apply one update per step, the sum of all of "
+            "their gradients (update=\"step\"); a rule that applies per pass or decides by itself would update "
+            "each replica from its own calls alone and they would drift apart", worker=name)
+    if max_staleness:
+        raise E.ConfigError(
+            f"max_staleness={max_staleness} with replicas={replicas} is not supported: every replica applies each "
+            "step's update together, so none may run ahead on older weights; use max_staleness=0", worker=name)
+    names = (name,) + tuple(f"{name}[{i}]" for i in range(1, replicas))
+    for n in names[1:]:
+        if n in taken:
+            raise E.ConfigError(f"a worker named '{n}' already exists; replica names must be free", worker=name)
+    return names
+
+
 def build(module: torch.nn.Module, name: str, *, optimizer: Any, update: Any, max_staleness: int,
           num_cpus: Optional[float], num_gpus: Optional[float], resources: Optional[dict], device: Any,
           max_restarts: Optional[int], defaults: Defaults) -> Spawn:

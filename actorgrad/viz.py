@@ -342,15 +342,20 @@ def describe_optimizer(spec: Any) -> Optional[str]:
     return f"{getattr(spec, '__name__', type(spec).__name__)} (callable)"
 
 
-def snapshot(step: Any, calls: Iterable[Any], workers: Mapping[str, Any], *, closed: bool = True) -> StepGraph:
-    """Plain data from the runtime's records of one step: its call records, passes and the workers' infos."""
+def snapshot(step: Any, calls: Iterable[Any], workers: Mapping[str, Any], *, closed: bool = True,
+             group_of: Optional[Mapping[str, str]] = None) -> StepGraph:
+    """Plain data from the runtime's records of one step: its call records, passes and the workers' infos.
+
+    ``group_of``: replica -> replicated worker; a replicated worker is drawn as one worker.
+    """
+    one = (lambda w: group_of.get(w, w)) if group_of else (lambda w: w)
     views = []
     for rec in sorted(calls, key=lambda r: r.id):
         meta = rec.meta
         shapes = None
         if meta is not None:
             shapes = tuple(tuple(out.shape) for out in meta.outputs)
-        views.append(CallView(rec.id, rec.worker, tuple((int(p), int(o), bool(g)) for p, o, g in rec.refs),
+        views.append(CallView(rec.id, one(rec.worker), tuple((int(p), int(o), bool(g)) for p, o, g in rec.refs),
                               bool(rec.saved), shapes))
     order: dict[str, None] = {}
     for v in views:
@@ -365,7 +370,8 @@ def snapshot(step: Any, calls: Iterable[Any], workers: Mapping[str, Any], *, clo
         wviews.append(WorkerView(name, info.module_class, describe_optimizer(getattr(info, "optimizer", None)),
                                  str(opts.get("update", "step")), int(opts.get("max_staleness", 0))))
     passes = tuple(
-        PassView(p.id, tuple((int(c), int(o)) for c, o in getattr(p, "seeds", ())), tuple(sorted(p.workers)))
+        PassView(p.id, tuple((int(c), int(o)) for c, o in getattr(p, "seeds", ())),
+                 tuple(sorted({one(w) for w in p.workers})))
         for _, p in sorted(step.passes.items()))
     err = step.error
     error = None if err is None else f"{type(err).__name__}" + (f" in '{err.worker}'" if err.worker else "")
@@ -381,9 +387,10 @@ def from_runtime(rt: Any, step: Optional[int] = None) -> StepGraph:
     current = rt.step
     # Without ``step``, the last closed step wins over the current one.
     if last is not None and step in (None, last[0].id):
-        return snapshot(last[0], last[1], rt.workers, closed=True)
+        return snapshot(last[0], last[1], rt.workers, closed=True, group_of=getattr(rt, "group_of", None))
     if current.calls and step in (None, current.id):
-        return snapshot(current, rt.step_calls(current), rt.workers, closed=False)
+        return snapshot(current, rt.step_calls(current), rt.workers, closed=False,
+                        group_of=getattr(rt, "group_of", None))
     if step is None:
         raise E.ConfigError("nothing to draw yet: no step has calls; call some workers (and backward) first")
     have = [f"the last closed step ({last[0].id})"] if last is not None else []

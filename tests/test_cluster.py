@@ -131,3 +131,27 @@ def test_impossible_placement_fails_fast_naming_the_worker(cluster_rt):
     w = ag.spawn(torch.nn.Linear(2, 2), name="four0", resources={"node_b": 1})
     assert w(torch.ones(1, 2)).value().shape == (1, 2)
     ag.step()
+
+
+def test_replicas_spread_over_nodes_train_exactly(cluster_rt):
+    """replicas=3 with replica_placement="strict_spread": one replica per node, one worker to the user."""
+    torch.manual_seed(0)
+    mid = torch.nn.Linear(6, 6)
+    ref = copy.deepcopy(mid)
+    w = ag.spawn(mid, name="rep", replicas=3, replica_placement="strict_spread",
+                 optimizer=ag.Optim(torch.optim.Adam, lr=0.01))
+    opt = torch.optim.Adam(ref.parameters(), lr=0.01)
+    g = torch.Generator().manual_seed(2)
+    for _ in range(3):
+        xs = [torch.randn(4, 6, generator=g) for _ in range(3)]
+        for x in xs:  # one call per replica
+            (w(x) ** 2).mean().backward()
+        ag.step()
+        for x in xs:
+            (ref(x) ** 2).mean().backward()
+        opt.step()
+        opt.zero_grad()
+    for k, v in ref.state_dict().items():
+        torch.testing.assert_close(w.state_dict()[k], v, atol=1e-5, rtol=1e-5)
+    nodes = actor_nodes(["rep", "rep[1]", "rep[2]"])
+    assert len(set(nodes.values())) == 3, nodes

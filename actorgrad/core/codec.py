@@ -753,6 +753,15 @@ _seed = _record(m.SeedGrad, _int, _int, _int, _opt_tensor)
 _pair = _edge
 
 
+def _grads(x: Any) -> dict:
+    """Shard.grads: parameter names to tensors."""
+    d = _dict(x)
+    for k, v in d.items():
+        if not isinstance(k, str) or not isinstance(v, torch.Tensor):
+            raise DecodeError(f"gradients must map parameter names to tensors, got {_brief(k)}: {type(v).__name__}")
+    return d
+
+
 def _positions(x: Any) -> tuple[int, ...]:
     """Forward.leaves: argument tensor positions, strictly increasing and >= 0 (the worker checks the upper bound)."""
     out = _list_of(_int)(x)
@@ -779,6 +788,7 @@ SCHEMA: dict[int, tuple[type, tuple[Callable[[Any], Any], ...]]] = {
     15: (m.CloseReady, (_int, _int, _int, _int, _bool, _int, _bool, _dict)),
     16: (m.UpdateReport, (_int, _opt_int, _bool, _int, _dict)),
     20: (m.Release, (_int, _int)),
+    21: (m.Shard, (_int, _str, _grads)),
 }
 _CODES = {cls: code for code, (cls, _) in SCHEMA.items()}
 

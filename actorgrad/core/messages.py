@@ -200,6 +200,19 @@ class Release:
 
 
 @dataclass(frozen=True, slots=True)
+class Shard:
+    """Replica -> replica: this replica's gradient sum of one step, once everything of it is done here.
+
+    Every replica of a replicated worker sends its shard to each other one; each sums all of them
+    in replica order, so that all apply the same update (core/replicas.py).
+    """
+
+    step: int
+    from_worker: str
+    grads: dict  # parameter name -> gradient (only the parameters that received one)
+
+
+@dataclass(frozen=True, slots=True)
 class Fetch:
     """Caller -> worker: send back output ``out`` of ``call`` once it is computed."""
 
@@ -298,7 +311,7 @@ class Failure:
 
 Message = Union[
     Forward, Route, Value, Plan, Gradient, Close, Commit, Abort, Fetch, GetState, SetState, Ack, Failure,
-    ForwardDone, CloseReady, UpdateReport,
+    ForwardDone, CloseReady, UpdateReport, Release, Shard,
 ]
 Reply = Union[Ack, Failure, ForwardDone, CloseReady, UpdateReport]
 Request = Union[Forward, Plan, Close, Fetch, GetState, SetState]

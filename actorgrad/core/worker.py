@@ -52,6 +52,7 @@ from .optim import OptimizerSpec
 from .passes import PASS_COMPLETE, PASS_FAILED, Arrived, PassState, PassTable, sum_arrived
 from .rng import WorkerRng
 from .rules import Rule, add_grads
+from .replicas import ReplicaSync
 from .structure import TypeResolver
 from .steps import ABORTED, CLOSED, CLOSING, COMMITTING, OPEN, READY, Phase, StepState, StepTable
 from .trace import MESSAGE_TID, Tracer, now_us
@@ -80,6 +81,7 @@ class WorkerSpec:
     deadline: Optional[float] = None  # seconds a step may hold state here without progress
     custom_backward: bool = False  # the module overrides ag.Module.backward: call it for each VJP
     seed: Optional[int] = None  # the runtime's seed: this worker's generator is seeded from it and the name
+    replicas: tuple[str, ...] = ()  # a replicated worker: every replica's name, in replica order (core/replicas.py)
 
 
 class WorkerCore:
@@ -92,6 +94,7 @@ class WorkerCore:
         # The mode (train/eval) that calls arriving from now on run in: worker.train()/eval() set it.
         self.training = bool(self.module.training)
         self.rng = WorkerRng(spec.seed, self.name, self.device)
+        self.sync = ReplicaSync(self.name, spec.replicas)
         # Classes the caller's arguments name are looked up in the module's own globals too: there
         # cloudpickle rebuilt the user's script's classes that the module uses.
         self.types = TypeResolver(_namespaces(self.module))
@@ -173,6 +176,10 @@ class WorkerCore:
                 self._on_fetch(msg)
             case m.Release():
                 self._on_release(msg)
+            case m.Shard():
+                why = self.sync.accept(msg, self.step_table.ended)
+                if why is not None:
+                    log.warning("%s: refused %s", self.name, why)
             case m.GetState():
                 self._on_get_state(msg)
             case m.SetState():
@@ -583,6 +590,15 @@ class WorkerCore:
             self._fail(msg.req, failed)
             self._drop_step(step, ABORTED)
             return
+        if self.sync.active:
+            # Replicas agree on one update: send this one's gradients, wait for the others', apply the sum.
+            own = self.updates.pending.by_step.get(step) or {}
+            for peer, shard in self.sync.outgoing(step, own):
+                self._send(peer, shard)
+            total = self.sync.total(step, own)
+            if total is None:
+                return
+            self.updates.pending.by_step[step] = total
         pending, version, final, metrics = self.updates.ready_report(step)
         st.to(READY)
         self._out.append((None, m.CloseReady(msg.req, step, len(st.calls), len(st.passes),
@@ -613,6 +629,7 @@ class WorkerCore:
         ``remember=False``: free it without recording its id as ended (a Close that named a call
         unknown here: the step may still be aborted by the caller).
         """
+        self.sync.forget(step)
         st = self.step_table.end(step, end, remember)
         if st is None:
             return
@@ -652,6 +669,7 @@ class WorkerCore:
         self._init_steps()
         self.weights.reset()
         self.updates.reset()
+        self.sync.reset()
         for p in self.module.parameters():
             p.grad = None
 
@@ -799,7 +817,11 @@ class WorkerCore:
 
     def describe_missing(self) -> list[str]:
         """Human-readable lines: what this worker is still waiting for."""
-        return describe_missing(self.call_table.waiting(), self.pass_table.open_passes(), self._gate_open)
+        lines = describe_missing(self.call_table.waiting(), self.pass_table.open_passes(), self._gate_open)
+        for step, st in sorted(self.steps.items()):
+            if st.phase is CLOSING and step in self.sync.sent and self.sync.missing(step):
+                lines.append(f"step {step}: the gradients of replica(s) {', '.join(self.sync.missing(step))}")
+        return lines
 
 
 def process_memory() -> dict[str, int]:

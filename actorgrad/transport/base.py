@@ -32,7 +32,7 @@ DECODE_OFF_LOOP_BYTES = 1 << 20
 MAX_HELD_FRAMES = 4096
 MAX_HELD_BYTES = 1 << 30
 # What a worker may send to a worker; everything else (calls, plans, closes, aborts, state) is the caller's.
-PEER_MESSAGES = (m.Value, m.Gradient)
+PEER_MESSAGES = (m.Value, m.Gradient, m.Shard)
 
 
 
@@ -245,7 +245,7 @@ class Host:
             return None
         peer = name_of(sender)
         if peer != CALLER and not (isinstance(msg, PEER_MESSAGES)
-                                   and (not isinstance(msg, m.Gradient) or msg.from_worker == peer)):
+                                   and (not isinstance(msg, (m.Gradient, m.Shard)) or msg.from_worker == peer)):
             # A worker may only pass values and its own gradients on; the rest is the caller's to send.
             log.error("%s: dropped a %s from %s: only the caller may send it", self.name, type(msg).__name__, sender)
             if reply is not None:
