@@ -140,6 +140,11 @@ class NodeOps:
     __and__ = _binary("__and__")
     __or__ = _binary("__or__")
     __xor__ = _binary("__xor__")
+    # Elementwise, as on tensors: ``pred == y`` is a Node. Hashing stays by identity (as torch.Tensor's):
+    # sets and dicts of Nodes find a Node by identity before they would compare.
+    __eq__ = _binary("__eq__")  # type: ignore[assignment]
+    __ne__ = _binary("__ne__")  # type: ignore[assignment]
+    __hash__ = object.__hash__
     __lt__ = _binary("__lt__")
     __le__ = _binary("__le__")
     __gt__ = _binary("__gt__")

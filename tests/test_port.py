@@ -384,3 +384,21 @@ def test_the_error_of_a_failed_first_forward_comes_where_its_result_is_used(back
     ok = ag.spawn(nn.Linear(2, 2), optimizer=ag.Optim(torch.optim.SGD, lr=0.1))
     ok(torch.randn(1, 2)).sum().backward()
     ag.step()
+
+
+def test_comparisons_and_shape_questions_work_as_on_tensors(backend):
+    torch.manual_seed(8)
+    net = nn.Linear(4, 3)
+    w = ag.spawn(copy.deepcopy(net))
+    x, t = torch.randn(10, 4), torch.randint(0, 3, (10,))
+    with ag.no_grad():
+        logits = w(x)
+        acc = (logits.argmax(-1) == t).float().mean().item()
+        assert logits.size() == (10, 3) and logits.size(-1) == 3 and len(logits) == 10 and logits.ndim == 2
+        first, *rest = logits  # iterates over the first dimension, as a tensor does
+        assert len(rest) == 9
+        close(first.value(), net(x)[0].detach())
+        assert (logits != logits).sum().item() == 0
+    assert acc == (net(x).argmax(-1) == t).float().mean().item()
+    assert len({logits, logits}) == 1  # hashing stays by identity
+    ag.step()
