@@ -30,15 +30,19 @@ class Affine(nn.Module):
         return 2 * x + 1
 
 
-def timed(fn, steps: int, warmup: int) -> float:
+def timed(fn, steps: int, warmup: int) -> tuple[float, float]:
+    """Median wall ms per step, and this process's CPU ms per step (every thread: on backend="local"
+    the workers' too, and steadier than wall time on a shared machine)."""
     times = []
     for i in range(steps + warmup):
+        if i == warmup:
+            cpu0 = time.process_time()
         t0 = time.perf_counter()
         fn()
         ag.step()
         if i >= warmup:
             times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e3
+    return statistics.median(times) * 1e3, (time.process_time() - cpu0) / steps * 1e3
 
 
 def main() -> None:
@@ -61,16 +65,17 @@ def main() -> None:
         "worker": lambda: mse(g(affine(h(x))), t).backward(),
         "materialized": lambda: (mse(g(h(x)), t) / 4).backward(),
     }
-    rows = {}
-    for _ in range(2):  # interleaved rounds: the machine's noise falls on every row alike
+    rows: dict[str, list[tuple[float, float]]] = {}
+    for _ in range(3):  # interleaved rounds: the machine's noise falls on every row alike
         for name, fn in runs.items():
-            rows.setdefault(name, []).append(timed(fn, args.steps // 2, 10))
-    base = statistics.median(rows["none"])
-    print(f"| {args.backend}, d={args.d} | ms/step | vs none |")
-    print("| --- | ---: | ---: |")
-    for name, ms in rows.items():
-        m = statistics.median(ms)
-        print(f"| {name} | {m:.2f} | {m / base:.2f}x |")
+            rows.setdefault(name, []).append(timed(fn, args.steps // 3, 10))
+    wall = {k: statistics.median(w for w, _ in v) for k, v in rows.items()}
+    cpu = {k: statistics.median(c for _, c in v) for k, v in rows.items()}
+    print(f"| {args.backend}, d={args.d} | wall ms/step | vs none | caller-process CPU ms/step | vs none |")
+    print("| --- | ---: | ---: | ---: | ---: |")
+    for name in rows:
+        print(f"| {name} | {wall[name]:.2f} | {wall[name] / wall['none']:.2f}x | {cpu[name]:.2f} | "
+              f"{cpu[name] / cpu['none']:.2f}x |")
     ag.shutdown()
 
 
