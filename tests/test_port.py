@@ -402,3 +402,39 @@ def test_comparisons_and_shape_questions_work_as_on_tensors(backend):
     assert acc == (net(x).argmax(-1) == t).float().mean().item()
     assert len({logits, logits}) == 1  # hashing stays by identity
     ag.step()
+
+
+class Registered(collections.OrderedDict):
+    """A container known to torch.utils._pytree only by registration, as Hugging Face's ModelOutput is."""
+
+
+torch.utils._pytree.register_pytree_node(
+    Registered, lambda d: (list(d.values()), list(d.keys())),
+    lambda values, keys: Registered(zip(keys, values)), serialized_type_name="test_port.Registered")
+
+
+class RegisteredNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.l = nn.Linear(3, 2)
+
+    def forward(self, x: torch.Tensor) -> Registered:
+        y = self.l(x)
+        return Registered(logits=y, pooled=y.mean(0))
+
+
+def test_a_pytree_registered_output_type_survives_the_trip(backend):
+    torch.manual_seed(9)
+    net = RegisteredNet()
+    plain = copy.deepcopy(net)
+    w = ag.spawn(net, optimizer=ag.Optim(torch.optim.SGD, lr=0.1))
+    opt = torch.optim.SGD(plain.parameters(), lr=0.1)
+    x = torch.randn(4, 3)
+    out = w(x)
+    assert type(out) is Registered and list(out) == ["logits", "pooled"]
+    (out["logits"].sum() + out["pooled"].pow(2).sum()).backward()
+    ag.step()
+    r = plain(x)
+    (r["logits"].sum() + r["pooled"].pow(2).sum()).backward()
+    opt.step()
+    same_parameters({"w": w}, {"w": plain})

@@ -46,7 +46,7 @@ _EXT_SLOT = 2
 _EXT_TUPLE = 3
 # A tagged record, one array ``[tag, ...fields]``: a Typed container, an Op, a slice, Ellipsis, a dtype.
 _EXT_TAGGED = 4
-_TYPED_KINDS = frozenset(("namedtuple", "dataclass", "packed", "pytree"))
+_TYPED_KINDS = frozenset(("namedtuple", "dataclass", "packed", "pytree", "mapping"))
 
 MAX_DIMS = 32
 # How deeply value trees may nest (a field's own value is at depth 0); the same bound for encode and decode.
@@ -371,6 +371,11 @@ def _tagged(items: Any) -> Any:
             if (not isinstance(context, (list, tuple)) or len(context) != len(children)
                     or not all(isinstance(f, str) and f.isidentifier() for f in context)):
                 raise DecodeError(f"a {kind}'s context must name each of its {len(children)} fields")
+            context = tuple(context)
+        elif kind == "mapping":
+            if (not isinstance(context, (list, tuple)) or len(context) != len(children)
+                    or not all(_is_int(k) or isinstance(k, str) for k in context)):
+                raise DecodeError(f"a mapping's context must hold the key of each of its {len(children)} values")
             context = tuple(context)
         return m.Typed(kind, typ, context, tuple(children))
     if tag == "S" and n == 4:

@@ -39,7 +39,7 @@ class Typed:
     ``context``: the field names (or the pytree context, a constant tree); ``children``: the values.
     """
 
-    kind: str
+    kind: str  # "namedtuple", "dataclass", "packed", "pytree" or "mapping" (an unregistered dict subclass)
     type: str
     context: Any
     children: tuple

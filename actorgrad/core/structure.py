@@ -95,6 +95,14 @@ def encode(value: Any, leaf: Callable[[Any, str], Any], path: str = "") -> Any:
         return m.Typed("dataclass", _note(t), names,
                        tuple(encode(getattr(value, n), leaf, f"{path}.{n}") for n in names))
     children, spec = pytree.tree_flatten(value, is_leaf=lambda y: y is not value)
+    if spec.is_leaf() and isinstance(value, dict):
+        # A dict subclass this process has not registered (a class shipped by value to a worker, whose
+        # module's registration never ran there): its keys and values, rebuilt as that class.
+        for k in value:
+            if not _key_ok(k):
+                raise TypeError(f"{path}: dictionary keys must be str or int, got {type(k).__name__}")
+        return m.Typed("mapping", _note(t), list(value), tuple(encode(v, leaf, f"{path}[{k!r}]")
+                                                              for k, v in value.items()))
     if spec.is_leaf():  # not a container pytree knows: a tensor, a Node, or something unsendable
         return leaf(value, path)
     if spec.type is collections.namedtuple:
@@ -149,6 +157,20 @@ class TypeResolver:
                              and tuple(f.name for f in dataclasses.fields(c)) == rec.context)
             cls = cls or self._rebuild(rec, lambda name: dataclasses.make_dataclass(name, rec.context))
             return _make_dataclass(cls, dict(zip(rec.context, children)))
+        if rec.kind == "mapping":
+            cls = self._find(rec.type, lambda c: isinstance(c, type) and issubclass(c, dict))
+            items = list(zip(rec.context, children))
+            if cls is None:
+                return dict(items)
+            if cls in pytree.SUPPORTED_NODES:
+                return pytree.tree_unflatten(children, pytree.TreeSpec(cls, list(rec.context),
+                                                                        [_LEAF_SPEC] * len(children)))
+            try:
+                return cls(items)
+            except Exception:  # a constructor of its own: fill it as the dict it is
+                obj = cls.__new__(cls)
+                dict.update(obj, items)
+                return obj
         cls = self._find(rec.type, lambda c: c in pytree.SUPPORTED_NODES)
         if cls is None:
             raise TypeError(f"type {rec.type} is not known in this process (import it, or register it with "
