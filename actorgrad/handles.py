@@ -64,8 +64,8 @@ class Worker:
         """``train(False)``: BatchNorm uses (and keeps) its running statistics, Dropout is off."""
         return self.train(False)
 
-    def __call__(self, *args: Any, **kwargs: Any) -> Union["Node", tuple["Node", ...]]:
-        """One call of the module: returns a Node (a tuple of Nodes for a tuple output) at once."""
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        """One call of the module, at once: what it returns, with a Node at each tensor (``out, (h, c) = lstm(x)``)."""
         return self._runtime.call(self.name, args, kwargs)
 
     def state_dict(self, timeout: Optional[float] = None) -> dict[str, torch.Tensor]:
