@@ -164,12 +164,12 @@ class Node(NodeOps):
         return self.call.step
 
     @property
-    def shape(self) -> Optional[torch.Size]:
-        """The activation's shape, once its forward has reported it (else None)."""
+    def shape(self) -> torch.Size:
+        """The activation's shape, as ``Tensor.shape`` (``x.shape[0]``); waits for its forward to report it."""
         meta = self.call.meta
-        if meta is None or self.out >= len(meta.outputs):
-            return None
-        return torch.Size(meta.outputs[self.out].shape)
+        if meta is not None and self.out < len(meta.outputs):
+            return torch.Size(meta.outputs[self.out].shape)
+        return self.size()
 
     def value(self, timeout: Optional[float] = None) -> torch.Tensor:
         """Fetch the activation to the caller (waits for its forward)."""
@@ -252,9 +252,9 @@ class DerivedNode(Node):
         return self.bases()[0].step
 
     @property
-    def shape(self) -> Optional[torch.Size]:
-        """The result's shape once computed and reported (else None); ``size()`` waits for it."""
-        return self.real.shape if self.real is not None else None
+    def shape(self) -> torch.Size:
+        """The result's shape, from its operands' shapes (waits for their forwards)."""
+        return self.real.shape if self.real is not None else self.size()
 
     def value(self, timeout: Optional[float] = None) -> torch.Tensor:
         """Compute the result (once) and fetch it to the caller."""

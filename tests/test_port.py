@@ -395,6 +395,7 @@ def test_comparisons_and_shape_questions_work_as_on_tensors(backend):
         logits = w(x)
         acc = (logits.argmax(-1) == t).float().mean().item()
         assert logits.size() == (10, 3) and logits.size(-1) == 3 and len(logits) == 10 and logits.ndim == 2
+        assert logits.shape[0] == 10 and logits.argmax(-1).shape == (10,)  # answered from shapes alone
         first, *rest = logits  # iterates over the first dimension, as a tensor does
         assert len(rest) == 9
         close(first.value(), net(x)[0].detach())
