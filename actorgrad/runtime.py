@@ -160,7 +160,8 @@ class Runtime:
                     self._send(self.core.on_reply(s.request, None, E.WorkerDied("the worker is not running",
                                                                                  worker=s.worker)))
                 continue
-            frame = codec.encode_frame(s.msg)
+            # In process the message itself goes (the transport copies its tensors); else its encoding.
+            frame = s.msg if self.transport.capabilities.messages else codec.encode_frame(s.msg)
             if s.request is None:
                 try:
                     self.transport.notify(s.worker, s.seq, frame)
@@ -180,7 +181,8 @@ class Runtime:
         if r.done or r.epoch != self.core.epoch:
             return
         try:
-            reply, err = codec.decode_frame(future.result()), None
+            answer = future.result()
+            reply, err = (codec.decode_frame(answer) if isinstance(answer, codec.Frame) else answer), None
         except E.ActorgradError as exc:
             reply, err = None, exc
         except Exception as exc:

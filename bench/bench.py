@@ -2,8 +2,11 @@
 
 Model: a chain of S stages (Linear(d, d) + tanh) and an MSE loss, SGD. Sizes:
 small (d=64, batch 32: latency-bound) and large (d=2048, batch 256:
-compute-bound), plus two independent passes on branches of a shared trunk.
-Prints a table of median step times and ratios, and writes it as Markdown.
+compute-bound), plus two independent passes on branches of a shared trunk, and
+the MNIST-1D MLP of examples/mnist1d_compare.py (bench/mnist1d.py): backprop
+through workers, and decoupled greedy learning pipelined, each against the same
+rule in plain PyTorch. Prints a table of median step times and ratios, and
+writes it as Markdown. ``--tiny``: the small chain only, at a tiny size (tests).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import actorgrad as ag  # noqa: E402
+from bench import mnist1d  # noqa: E402
 from bench.peers import make_data, make_params, run_plain, run_rpc  # noqa: E402
 
 log = logging.getLogger("bench")
@@ -200,13 +204,15 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     S = args.stages
     if args.tiny:
-        sizes = {"small": (8, 4, 4, 1), "large": (32, 8, 3, 1)}
+        sizes = {"small": (8, 4, 4, 1)}
         branch = (16, 8, 2, 2)
         rounds, micros = 20, (2,)
+        mlp = (16, 2, 8, 4, 1)
     else:
         sizes = {"small": (64, 32, 40, 5), "large": (2048, 256, 10, 2)}  # d, batch, steps, warm-up
         branch = (1024, 256, 6, 6)  # d, batch, work, steps
-        rounds, micros = 300, (2, 4)
+        rounds, micros = 300, (1, 2, 4)
+        mlp = (256, 3, 100, 60, 10)  # the example's hidden width, depth and batch; steps, warm-up
     import ray
 
     if not ray.is_initialized():
@@ -227,7 +233,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         res["actorgrad local"] = run_actorgrad("local", params, data, lr, skip=skip)
         res["actorgrad ray, synchronous"] = run_actorgrad("ray", params, data, lr, skip=skip)
         for m in micros:
-            res[f"actorgrad ray, pipelined (k=1, {m} micro-batches)"] = run_actorgrad(
+            res[f"actorgrad ray, pipelined (k=1, {m} micro-batch{'es' if m > 1 else ''})"] = run_actorgrad(
                 "ray", params, data, lr, staleness=1, micro=m, skip=skip)
         base = median_ms(res["plain, 1 thread"][0], skip)
         for name, (times, _) in res.items():
@@ -241,14 +247,34 @@ def main(argv: Optional[list[str]] = None) -> int:
                 diff = max_diff(res[name][1], ref)
                 checks.append(f"{size}: {name} vs plain: max |diff| = {diff:.2e} ({'OK' if diff <= 1e-5 else 'MISMATCH'})")
         sync = median_ms(res["actorgrad ray, synchronous"][0], skip)
+        ratios[f"{size}: local / plain 1 thread"] = median_ms(res["actorgrad local"][0], skip) / base
         ratios[f"{size}: ray sync / plain 1 thread"] = sync / base
         if "torch.distributed.rpc" in res:
             ratios[f"{size}: ray sync / rpc"] = sync / median_ms(res["torch.distributed.rpc"][0], skip)
         for m in micros:
-            pipe = median_ms(res[f"actorgrad ray, pipelined (k=1, {m} micro-batches)"][0], skip)
+            pipe = median_ms(res[f"actorgrad ray, pipelined (k=1, {m} micro-batch{'es' if m > 1 else ''})"][0], skip)
             ratios[f"{size}: pipelined ({m} mb) throughput / sync throughput"] = sync / pipe
             ratios[f"{size}: pipelined ({m} mb) throughput / plain default-threads throughput"] = (
                 median_ms(res["plain, default threads"][0], skip) / pipe)
+    hidden, depth, batch, steps, skip = mlp
+    setup = mnist1d.make_setup(hidden, depth, batch, steps)
+    times, ref = mnist1d.plain_backprop(setup)
+    base = median_ms(times, skip)
+    rows.append(("mnist1d", "plain, backprop (1 process)", base, "1.00x"))
+    for backend in ("local", "ray"):
+        times, got = mnist1d.workers_backprop(backend, setup)
+        med = median_ms(times, skip)
+        rows.append(("mnist1d", f"actorgrad {backend}, backprop through workers", med, f"{med / base:.2f}x"))
+        ratios[f"mnist1d: {backend} backprop / plain backprop"] = med / base
+        diff = max(float((got[k] - ref[k]).abs().max()) for k in ref)
+        checks.append(f"mnist1d: actorgrad {backend}, backprop vs plain: max |diff| = {diff:.2e} "
+                      f"({'OK' if diff <= 1e-5 else 'MISMATCH'})")
+    greedy = median_ms(mnist1d.plain_greedy(setup), skip)
+    rows.append(("mnist1d", "plain, decoupled greedy (1 process)", greedy, f"{greedy / base:.2f}x"))
+    for backend in ("local", "ray"):
+        med = median_ms(mnist1d.workers_greedy(backend, setup, pipelined=True), skip)
+        rows.append(("mnist1d", f"actorgrad {backend}, decoupled greedy pipelined (k=1)", med, f"{med / base:.2f}x"))
+        ratios[f"mnist1d: {backend} greedy pipelined / plain greedy"] = med / greedy
     d, batch, work, steps = branch
     together = median_ms(run_two_branches("ray", d, batch, work, steps, together=True), 1)
     apart = median_ms(run_two_branches("ray", d, batch, work, steps, together=False), 1)
@@ -264,8 +290,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     lines += ["", "| transport floor | ms |", "| --- | ---: |"]
     lines += [f"| {k} | {v:.3f} |" for k, v in floor.items()]
     lines += ["", "Same final parameters:", ""] + [f"- {c}" for c in checks]
-    header = (f"S={S} stages, SGD (lr {LR_BY_SIZE['small']} small, {LR_BY_SIZE['large']} large); small d={sizes['small'][0]} batch {sizes['small'][1]}; "
-              f"large d={sizes['large'][0]} batch {sizes['large'][1]}; pipelined: max_staleness=1, "
+    header = (f"S={S} stages, SGD (lr {LR_BY_SIZE['small']} small, {LR_BY_SIZE['large']} large); "
+              + "; ".join(f"{k} d={v[0]} batch {v[1]}" for k, v in sizes.items())
+              + f"; mnist1d: MLP {mnist1d.FEATURES}-{'-'.join([str(mlp[0])] * mlp[1])}-{mnist1d.CLASSES}, "
+              f"batch {mlp[2]}, Adam, random data of MNIST-1D's shape; pipelined: max_staleness=1, "
               f"{'/'.join(map(str, micros))} micro-batches per step; {os.cpu_count()} cores; "
               f"torch {torch.__version__}")
     text = header + "\n\n" + "\n".join(lines) + "\n"

@@ -918,3 +918,92 @@ def _slots_in(tree: Any) -> list[m.Slot]:
             stack.extend(x.args)
             stack.extend(x.kwargs.values())
     return out
+
+
+# --- in-process handover -----------------------------------------------------
+
+_ATOMS = (type(None), bool, int, float, str, bytes)
+SCHEMA_TYPES = frozenset(_CODES)  # the message classes, for a receiver handed messages in process
+_RECORDS = (m.RefSpec, m.Expect, m.SeedGrad, m.OutputMeta)
+# Fields whose validator builds tuples (records and lists of them, positions): copied the same way.
+_TUPLE_FIELDS = _STRUCT_FIELDS | {"leaves"}
+_FIELD_NAMES: dict[type, tuple[str, ...]] = {}
+
+
+def _names(cls: type) -> tuple[str, ...]:
+    names = _FIELD_NAMES.get(cls)
+    if names is None:
+        names = _FIELD_NAMES[cls] = tuple(f.name for f in fields(cls))
+    return names
+
+
+def copy_tensor(t: torch.Tensor) -> torch.Tensor:
+    """The tensor a frame of ``t`` decodes to: a private, contiguous CPU copy without autograd history."""
+    if t.dtype not in _DTYPE_NAMES:
+        raise TypeError(f"tensors of dtype {t.dtype} cannot be sent")
+    t = t.detach()
+    if t.device.type != "cpu":
+        return t.cpu().contiguous()
+    if t.is_conj() or t.is_neg():
+        t = t.resolve_conj().resolve_neg()
+    return t.clone(memory_format=torch.contiguous_format)
+
+
+def _copy_tree(x: Any, depth: int = 0) -> Any:
+    """A value tree as decoding its encoding builds it: containers new, tensors copied, TypeError where
+    encoding would refuse (the exact types msgpack packs, and this codec's extensions)."""
+    t = type(x)
+    if t in _ATOMS or x is Ellipsis or t is m.Slot:
+        return x
+    if depth > MAX_DEPTH:
+        raise TypeError(f"value is nested too deeply (at most {MAX_DEPTH} levels)")
+    if isinstance(x, torch.Tensor):
+        return copy_tensor(x)
+    if t is list:
+        return [_copy_tree(v, depth + 1) for v in x]
+    if isinstance(x, tuple):  # subclasses (torch.Size) arrive as plain tuples
+        return tuple(_copy_tree(v, depth + 1) for v in x)
+    if t is dict:
+        return {_copy_tree(k, depth + 1): _copy_tree(v, depth + 1) for k, v in x.items()}
+    if t is m.Typed:
+        context = _copy_tree(x.context, depth + 1)
+        if x.kind in ("namedtuple", "dataclass"):
+            context = tuple(context)
+        return m.Typed(x.kind, x.type, context, tuple(_copy_tree(v, depth + 1) for v in x.children))
+    if t is m.Op:
+        return m.Op(x.fn, tuple(_copy_tree(v, depth + 1) for v in x.args), _copy_tree(x.kwargs, depth + 1))
+    if t is slice or (t is torch.dtype and x in _DTYPE_NAMES):
+        return x
+    if t in (bytearray, memoryview):
+        return bytes(x)
+    raise TypeError(f"cannot send a value of type {t.__name__}")
+
+
+def _copy_struct(x: Any) -> Any:
+    """A record field (refs, expect, seeds, ...) as its validator builds it: lists become tuples."""
+    if isinstance(x, _RECORDS):
+        return type(x)(*(_copy_struct(getattr(x, n)) for n in _names(type(x))))
+    if isinstance(x, (list, tuple)):
+        return tuple(_copy_struct(v) for v in x)
+    if isinstance(x, torch.Tensor):
+        return copy_tensor(x)
+    return x
+
+
+def copy_message(msg: m.Message) -> m.Message:
+    """What ``decode_frame(encode_frame(msg).private())`` returns, without the bytes: for a transport that hands
+    messages over in process. The one copy of every tensor is made now, on the sender's thread (see
+    [Note: frame ownership]); nothing the receiver gets is shared with the sender."""
+    cls = type(msg)
+    if cls not in _CODES:
+        raise TypeError(f"not a message: {cls.__name__}")
+    values = []
+    for name in _names(cls):
+        v = getattr(msg, name)
+        if type(v) in _ATOMS:
+            values.append(v)
+        elif name in _TUPLE_FIELDS:
+            values.append(_copy_struct(v))
+        else:
+            values.append(_copy_tree(v))
+    return cls(*values)

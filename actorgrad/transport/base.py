@@ -54,15 +54,20 @@ def name_of(key: str) -> str:
 
 
 def _size(data: Data) -> int:
-    return data.nbytes if isinstance(data, codec.Frame) else len(data)
+    if isinstance(data, codec.Frame):
+        return data.nbytes
+    return len(data) if isinstance(data, (bytes, bytearray, memoryview)) else 0  # a message object
 
 
 _EXPIRE: Any = object()  # an inbox item: check the core's deadlines (see Host._sweep)
 
 SendFn = Callable[[str, str, int, codec.Frame], None]  # (to, sender, seq, frame)
 ReplyFn = Callable[[codec.Frame], None]
-# What a transport hands a Host: a Frame, or its bytes (a bytearray is handed over: see Host.accept).
-Data = Union[codec.Frame, bytes, bytearray, memoryview]
+# What a transport hands a Host: a Frame, or its bytes (a bytearray is handed over: see Host.accept), or,
+# in process, the message itself (``codec.copy_message``: nothing of it is shared with its sender).
+Data = Union[codec.Frame, bytes, bytearray, memoryview, m.Message]
+# What the caller hands a transport: a Frame, or the message itself where ``capabilities.messages``.
+Outbound = Union[codec.Frame, m.Message]
 
 
 @dataclass(frozen=True)
@@ -73,6 +78,9 @@ class Capabilities:
     placement_groups: bool = False  # ag.placement reserves bundles for several workers together
     restarts_workers: bool = False  # a dead worker's process can be restarted (recovery)
     zero_copy: bool = False  # tensor buffers of a Frame reach the receiver without a copy
+    # notify/request take the message itself, not its Frame, and a request's reply may be a message
+    # (in process: no encoding, the transport makes the one copy of its tensors with codec.copy_message)
+    messages: bool = False
 
 
 class Transport(Protocol):
@@ -84,11 +92,11 @@ class Transport(Protocol):
     def spawn(self, spec: WorkerSpec, options: dict[str, Any]) -> Any:
         """Start a worker hosting ``spec``; return its backend handle (or None)."""
 
-    def notify(self, worker: str, seq: int, frame: codec.Frame) -> None:
-        """Send a one-way message from the caller."""
+    def notify(self, worker: str, seq: int, frame: Outbound) -> None:
+        """Send a one-way message from the caller (a Frame; the message itself with ``capabilities.messages``)."""
 
-    def request(self, worker: str, seq: int, frame: codec.Frame) -> cf.Future:
-        """Send a request from the caller; the future yields the reply's Frame, or raises an ActorgradError."""
+    def request(self, worker: str, seq: int, frame: Outbound) -> cf.Future:
+        """Send a request from the caller; the future yields the reply (a Frame or a message), or raises an ActorgradError."""
 
     def probe(self, workers: list[str], timeout: float) -> dict[str, list[str]]:
         """Ask workers at once what they still wait for; whatever answered within ``timeout``."""
@@ -116,9 +124,15 @@ class Host:
     """Runs one WorkerCore: ordered inbox, compute thread, outbox delivery."""
 
     def __init__(self, core: WorkerCore, send: SendFn, loop: asyncio.AbstractEventLoop, inline: bool = False,
-                 epoch: int = 0) -> None:
+                 epoch: int = 0, objects: bool = False, inline_unmeasured: bool = True,
+                 inline_seconds: float = INLINE_SECONDS) -> None:
         self.core = core
-        self.inline = inline  # only where the loop is this worker's own (one process per worker)
+        self.inline = inline  # cheap messages run on the loop (see [Note: inline compute])
+        # A kind of message never handled here yet runs inline only if this is true: where the loop is shared
+        # (in process), a first backward that sleeps must not hold up the other workers.
+        self.inline_unmeasured = inline_unmeasured
+        self.inline_seconds = inline_seconds
+        self.objects = objects  # peers and replies get messages (codec.copy_message), not frames
         self.name = core.name
         # [Note: epochs] Recovery resets every host into a new epoch. Frames keep their sender's
         # epoch in the sender field; a host drops frames of any other epoch, so nothing sent
@@ -135,7 +149,8 @@ class Host:
         self._replies: dict[int, ReplyFn] = {}
         self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"ag-{core.name}")
         core.host_stats = lambda: {"held_frames": sum(map(len, self._held.values())), "held_bytes": self.held_bytes()}
-        self._cost = 0.0  # moving average of seconds per handled message
+        # Moving average of seconds per handled message, by kind (a Route is cheap, a Forward may not be).
+        self._cost: dict[type, float] = {}
         self.task = loop.create_task(self._run())
         self._sweeper = loop.create_task(self._sweep()) if core.deadline else None
 
@@ -235,9 +250,14 @@ class Host:
 
     def _decode(self, data: Data, reply: Optional[ReplyFn], sender: str) -> Optional[m.Message]:
         try:
-            frame = data if isinstance(data, codec.Frame) else codec.Frame.from_bytes(
-                data, owned=isinstance(data, bytearray))
-            msg = codec.decode_frame(frame)
+            if isinstance(data, (codec.Frame, bytes, bytearray, memoryview)):
+                frame = data if isinstance(data, codec.Frame) else codec.Frame.from_bytes(
+                    data, owned=isinstance(data, bytearray))
+                msg = codec.decode_frame(frame)
+            elif type(data) in codec.SCHEMA_TYPES:
+                msg = data  # handed over in process, already private (codec.copy_message)
+            else:
+                raise E.DecodeError(f"not a message: {type(data).__name__}")
         except E.DecodeError as err:
             log.error("%s: dropped a malformed message from %s: %s", self.name, sender, err.message)
             if reply is not None:
@@ -282,7 +302,8 @@ class Host:
                     out.append((None, m.Failure(req, E.to_info(err))))
                 outs.append(out)
             cost = time.perf_counter() - t0
-            self._cost = 0.8 * self._cost + 0.2 * cost
+            kind = type(msg)
+            self._cost[kind] = 0.8 * self._cost.get(kind, cost) + 0.2 * cost
         return outs
 
     async def _handle_batch(self, batch: list[tuple[Data, Optional[ReplyFn], Optional[str]]]) -> None:
@@ -309,7 +330,8 @@ class Host:
                 await self._run_core([None])
 
     async def _run_core(self, msgs: list) -> None:
-        if self.inline and self._cost < INLINE_SECONDS:
+        cost = self._cost.get(type(msgs[0]), 0.0 if self.inline_unmeasured else None)
+        if self.inline and cost is not None and cost < self.inline_seconds:
             outs = self._handle_all(msgs)
         else:
             outs = await self._loop.run_in_executor(self._executor, self._handle_all, msgs)
@@ -327,7 +349,7 @@ class Host:
             return
         try:
             # Private: the reply may be read after the core has changed what it holds (a state's weights).
-            fn(codec.encode_frame(msg).private())
+            fn(codec.copy_message(msg) if self.objects else codec.encode_frame(msg).private())
         except Exception:
             log.exception("%s: could not deliver a reply", self.name)
 
@@ -338,7 +360,7 @@ class Host:
         if self.core.tracer.enabled:
             self.core.tracer.instant("send", to=to, type=type(msg).__name__)
         # Private: the core may change the tensor (an update) before the frame is read or written out.
-        frame = codec.encode_frame(msg).private()
+        frame = codec.copy_message(msg) if self.objects else codec.encode_frame(msg).private()
         if to == self.name:
             self.accept(self.sender, seq, frame)
         else:

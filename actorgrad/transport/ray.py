@@ -32,7 +32,7 @@ from .. import pickling
 from ..core import codec
 from ..core.worker import WorkerCore, WorkerSpec
 from . import death
-from .base import CALLER, Capabilities, Data, Host, ReplyFn, epoch_of, sender_key
+from .base import CALLER, Capabilities, Data, Host, Outbound, ReplyFn, epoch_of, sender_key
 from .channels import MSG, Channel, ChannelConfig, ChannelServer, pack_frame
 
 log = logging.getLogger("actorgrad.transport.ray")
@@ -647,7 +647,7 @@ class RayTransport:
             raise E.WorkerDied("the worker is not running", worker=worker)
         return actor
 
-    def notify(self, worker: str, seq: int, frame: codec.Frame) -> None:
+    def notify(self, worker: str, seq: int, frame: Outbound) -> None:
         """Send a one-way message from the caller."""
         actor = self._actor(worker)
         if self._io is not None:
@@ -655,7 +655,7 @@ class RayTransport:
             return
         actor.deliver.remote(self.caller, seq, frame.to_bytes())
 
-    def request(self, worker: str, seq: int, frame: codec.Frame) -> cf.Future:
+    def request(self, worker: str, seq: int, frame: Outbound) -> cf.Future:
         """Send a request; the future yields the reply's Frame or raises WorkerDied."""
         actor = self._actor(worker)
         if self._io is not None:

@@ -323,3 +323,70 @@ def test_mutated_frame_bytes_only_ever_raise_decode_error_or_decode(data, draw):
         return
     assert type(msg) in {cls for cls, _ in codec.SCHEMA.values()}
     codec.decode(codec.encode(msg))
+
+
+def _same_strict(a, b):
+    """Equal, with the same container types and tensor layout (what the in-process handover must match)."""
+    if isinstance(a, torch.Tensor):
+        return (type(b) is torch.Tensor and a.dtype == b.dtype and a.shape == b.shape and a.stride() == b.stride()
+                and not b.requires_grad and torch.equal(a, b))
+    if isinstance(a, (list, tuple)):
+        return type(a) is type(b) and len(a) == len(b) and all(_same_strict(x, y) for x, y in zip(a, b))
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_same_strict(a[k], b[k]) for k in a)
+    if hasattr(a, "__dataclass_fields__"):
+        return type(a) is type(b) and all(_same_strict(getattr(a, f), getattr(b, f)) for f in a.__dataclass_fields__)
+    return type(a) is type(b) and a == b
+
+
+HANDOVER = SAMPLES + [
+    m.Value(1, 9, 0, 2, torch.randn(4, 5).t()),  # non-contiguous: arrives contiguous, as decoded
+    m.Value(1, 9, 0, 2, torch.nn.Parameter(torch.randn(3))),  # a Parameter arrives as a plain tensor
+    m.Value(1, 9, 0, 2, torch.randn(3, requires_grad=True) * 2),  # no autograd history crosses
+    m.Forward(1, 2, 3, [list(range(3)), (torch.Size([2, 3]),), m.Typed("namedtuple", "a:P", ["x"], (T,)),
+                        m.Op("torch.cat", ([T, T],), {"dim": 0}), slice(1, None), Ellipsis, torch.float16],
+              {}, [m.RefSpec("enc", 7, 0, True)], True, [0]),
+    m.ForwardDone(1, (m.Slot(0), [m.Slot(1)]), [m.OutputMeta(torch.Size([2]), "float32", True),
+                                                 m.OutputMeta([], "int64", False)], 0),
+    m.Plan(4, 5, 1, [m.Expect(2, 0, [[9, 0]])], [m.SeedGrad(2, 1, 0, T)], False),
+]
+
+
+@pytest.mark.parametrize("msg", HANDOVER, ids=lambda x: type(x).__name__)
+def test_copy_message_is_what_decoding_its_frame_gives(msg):
+    decoded = codec.decode_frame(codec.encode_frame(msg).private())
+    copied = codec.copy_message(msg)
+    assert _same_strict(decoded, copied), (decoded, copied)
+    # Nothing is shared with the sender: changing the original's tensors leaves the copy as it was.
+    for t in codec_tensors(msg):
+        with torch.no_grad():
+            t.add_(1)
+    assert _same_strict(decoded, copied)
+
+
+def codec_tensors(x):
+    if isinstance(x, torch.Tensor):
+        return [x] if x.is_leaf or not x.requires_grad else []
+    if isinstance(x, (list, tuple)):
+        return [t for v in x for t in codec_tensors(v)]
+    if isinstance(x, dict):
+        return [t for v in x.values() for t in codec_tensors(v)]
+    if hasattr(x, "__dataclass_fields__"):
+        return [t for f in x.__dataclass_fields__ for t in codec_tensors(getattr(x, f))]
+    return []
+
+
+def test_copy_message_refuses_what_encoding_refuses():
+    import enum
+
+    class Flag(enum.IntEnum):
+        ON = 1
+
+    class Items(list):
+        pass
+
+    for bad in (object(), Flag.ON, Items([1]), {"k": [object()]}):
+        with pytest.raises(TypeError):
+            codec.encode_frame(m.Ack(1, bad))
+        with pytest.raises(TypeError):
+            codec.copy_message(m.Ack(1, bad))

@@ -50,7 +50,7 @@ def test_both_transports_implement_the_protocol_with_its_signatures(cls):
 def test_capabilities_say_what_each_backend_can_do():
     from actorgrad.transport.ray import RayTransport
 
-    assert LocalTransport.capabilities == Capabilities()
+    assert LocalTransport.capabilities == Capabilities(messages=True)  # handed over in process, not encoded
     assert RayTransport.capabilities == Capabilities(places_gpus=True, placement_groups=True, restarts_workers=True)
 
 
@@ -101,9 +101,10 @@ def test_local_transport_round_trip_and_probe():
         assert t.spawn(spec, {}) is None and t.starting("w") is None
         t.check_feasible("w", {"CPU": 1.0})
         assert t.place_group("pack", [{"CPU": 1.0}], ["w"], 1.0) is None
-        reply = t.request("w", 0, codec.encode_frame(m.GetState(1, "module"))).result(10)
-        assert isinstance(reply, codec.Frame) and reply.owned
-        state = codec.decode_frame(reply)
+        # Messages are handed over as objects (capabilities.messages); a frame is still taken.
+        state = t.request("w", 0, m.GetState(1, "module")).result(10)
+        assert isinstance(state, m.Ack) and set(state.data) == {"weight", "bias"}
+        state = t.request("w", 1, codec.encode_frame(m.GetState(2, "module"))).result(10)
         assert isinstance(state, m.Ack) and set(state.data) == {"weight", "bias"}
         answers = t.probe(["w", "gone"], 5.0)
         assert answers["gone"] == ["(not running)"] and isinstance(answers["w"], list)
@@ -120,11 +121,13 @@ def test_local_transport_copies_what_the_caller_may_change():
 
         t.spawn(WorkerSpec("w", torch.nn.Linear(2, 2)), {})
         weights = {"weight": torch.zeros(2, 2), "bias": torch.zeros(2)}
-        frame = codec.encode_frame(m.SetState(1, "module", weights))
-        fut = t.request("w", 0, frame)
+        fut = t.request("w", 0, m.SetState(1, "module", weights))
         weights["weight"].fill_(7.0)  # the caller changes its tensor before the worker may have read it
         fut.result(10)
-        state = codec.decode_frame(t.request("w", 1, codec.encode_frame(m.GetState(2, "module"))).result(10))
+        state = t.request("w", 1, m.GetState(2, "module")).result(10)
         assert torch.equal(state.data["weight"], torch.zeros(2, 2))
+        state.data["weight"].fill_(5.0)  # nor does the caller share the worker's tensors
+        again = t.request("w", 2, m.GetState(3, "module")).result(10)
+        assert torch.equal(again.data["weight"], torch.zeros(2, 2))
     finally:
         t.close()
