@@ -9,7 +9,7 @@ PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
 DIST ?= dist
 
-.PHONY: install demo test dist examples bench soak cluster-demo clean
+.PHONY: install demo test dist examples bench bench-scale soak cluster-demo clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +37,10 @@ dist: $(STAMP)  ## build the sdist and the wheel into dist/ and check them (twin
 
 bench: $(STAMP)  ## actorgrad vs plain PyTorch and torch.distributed.rpc; writes bench/results.md
 	$(PY) -m bench.bench
+
+bench-scale: $(STAMP)  ## N = 8, 32, 64 workers (chain, fan-out; one process each and 8 per process): start-up, step, CPU and memory per worker; writes bench/scale.md
+	$(PY) -m bench.scale --n 8 32 64 --shape chain fan --workers-per-process 1 8 --out bench/scale.md
+	$(PY) -m bench.scale --breakdown --out bench/scale_breakdown.md
 
 soak: $(STAMP)  ## 20000 small steps on Ray; every worker's memory must stay flat; writes bench/soak.md
 	$(PY) -m bench.soak --steps 20000 --backend ray --out bench/soak.md

@@ -9,8 +9,8 @@ import logging
 
 from . import errors
 from ._version import __version__
-from .api import (backward, graph, init, is_initialized, load, no_grad, placement, save, set_training, shutdown, spawn,
-                  step, train, trace)
+from .api import (backward, graph, init, is_initialized, load, no_grad, placement, ready, save, set_training, shutdown,
+                  spawn, step, train, trace)
 from .core.rules import Rule, UpdateContext, register_rule
 from .handles import Node, Pass, StepHandle, StepReport, Worker, WorkerReport
 from .module import Module
@@ -26,6 +26,7 @@ __all__ = [
     "shutdown",
     "is_initialized",
     "spawn",
+    "ready",
     "backward",
     "step",
     "train",

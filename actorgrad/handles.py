@@ -77,7 +77,7 @@ class Worker:
         return self._runtime.get_state(self.name, "stats", timeout)
 
     def memory(self, timeout: Optional[float] = None) -> dict[str, int]:
-        """``stats()`` plus the worker process's resident memory (rss_bytes) and live tensor count."""
+        """``stats()`` plus the worker process's memory (rss_bytes; uss_bytes, pss_bytes on Linux) and live tensors."""
         return self._runtime.get_state(self.name, "memory", timeout)
 
     def load_state_dict(self, state_dict: Mapping[str, torch.Tensor], strict: bool = True, *,

@@ -825,7 +825,12 @@ class WorkerCore:
 
 
 def process_memory() -> dict[str, int]:
-    """This process's resident memory in bytes and its count of live torch.Tensor objects."""
+    """This process's memory in bytes (RSS; USS and PSS on Linux) and its count of live torch.Tensor objects.
+
+    RSS counts every shared library in full in every process that maps it; USS (the pages only this
+    process holds: what ending it frees) and PSS (each shared page divided among its processes) add up
+    across processes. Workers that share a process (``workers_per_process``) report that process's.
+    """
     try:
         with open("/proc/self/statm") as f:
             rss = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
@@ -833,9 +838,23 @@ def process_memory() -> dict[str, int]:
         import resource
 
         rss = int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+    out = {"rss_bytes": rss}
+    out.update(_smaps_rollup())
     # issubclass on the type: isinstance would touch lazy torch objects and warn.
-    tensors = sum(1 for o in gc.get_objects() if issubclass(type(o), torch.Tensor))
-    return {"rss_bytes": rss, "live_tensors": tensors}
+    out["live_tensors"] = sum(1 for o in gc.get_objects() if issubclass(type(o), torch.Tensor))
+    return out
+
+
+def _smaps_rollup() -> dict[str, int]:
+    """USS and PSS of this process from /proc/self/smaps_rollup (Linux 4.14+); empty where there is none."""
+    try:
+        with open("/proc/self/smaps_rollup") as f:
+            kb = {p[0][:-1]: int(p[1]) for p in (line.split() for line in f) if len(p) >= 2 and p[1].isdigit()}
+    except (OSError, ValueError):
+        return {}
+    if "Pss" not in kb:
+        return {}
+    return {"uss_bytes": (kb.get("Private_Clean", 0) + kb.get("Private_Dirty", 0)) * 1024, "pss_bytes": kb["Pss"] * 1024}
 
 
 def _namespaces(module: torch.nn.Module) -> list[dict]:

@@ -34,6 +34,7 @@ from ..core.worker import WorkerCore, WorkerSpec
 from . import death
 from .base import CALLER, Capabilities, Data, Host, Outbound, ReplyFn, epoch_of, sender_key
 from .channels import MSG, Channel, ChannelConfig, ChannelServer, pack_frame
+from .startup import worker_process_setup
 
 log = logging.getLogger("actorgrad.transport.ray")
 
@@ -41,6 +42,13 @@ log = logging.getLogger("actorgrad.transport.ray")
 _MAX_CONCURRENCY = 100_000
 # Ray passes arguments up to this size inside the task spec (max_direct_call_object_size).
 _INLINE_BYTES = 100 * 1024
+# The Ray instance ag.init starts itself (never one it joins). Every worker is an actor that gets a
+# process of its own when spawned: processes Ray starts ahead of time for tasks (prestart) are never
+# used by the runtime and would import Ray and burn CPU while the workers start.
+EMBEDDED_SYSTEM_CONFIG: dict[str, Any] = {
+    "enable_worker_prestart": False,
+    "prestart_worker_first_driver": False,
+}
 
 
 class RayHost:
@@ -50,6 +58,7 @@ class RayHost:
                  channel_config: Optional[ChannelConfig] = None) -> None:
         import torch
 
+        worker_process_setup()  # before the core builds its optimizer
         torch.set_num_threads(max(1, int(spec.num_threads or 1)))
         logging.basicConfig(level=logging.WARNING)
         self._spec = spec
@@ -106,7 +115,7 @@ class RayHost:
     def _peer(self, to: str) -> Any:
         peer = self._peers.get(to)
         if peer is None:
-            peer = ray.get_actor(to, namespace=self._namespace)
+            peer = _lookup(to, self._namespace)
             self._peers[to] = peer
         return peer
 
@@ -125,7 +134,7 @@ class RayHost:
         peer = self._peers.get(to)
         if peer is None:
             try:
-                peer = ray.get_actor(to, namespace=self._namespace)
+                peer = _lookup(to, self._namespace)
             except ValueError:
                 log.error("%s: no worker named %s; message dropped", sender, to)
                 return
@@ -179,6 +188,113 @@ class RayHost:
     async def node_id(self) -> str:
         """The Ray node this worker runs on."""
         return ray.get_runtime_context().get_node_id()
+
+
+# What a shared process answers for one of its workers: RayHost's remote interface.
+_MEMBER_METHODS = frozenset({"address", "deliver", "request", "channel_stats", "probe", "ping", "stop", "reset",
+                             "node_id"})
+# Ray's internal KV: worker name -> the shared process (actor name) that hosts it, for peers' lookups.
+_KV_NAMESPACE = "actorgrad"
+
+
+class RayProcess:
+    """The actor of a shared process (``ag.init(workers_per_process=k)``): several RayHosts in one process.
+
+    Each worker keeps its own core, Host, inbox, optimizer, channel server and name; they share the
+    process (its imports, its memory, one event loop: they compute one at a time).
+    """
+
+    def __init__(self, namespace: str, channel_config: Optional[ChannelConfig] = None) -> None:
+        worker_process_setup()
+        self._namespace = namespace
+        self._config = channel_config
+        self._hosts: dict[str, asyncio.Future] = {}
+
+    def _slot(self, worker: str) -> asyncio.Future:
+        fut = self._hosts.get(worker)
+        if fut is None:
+            fut = self._hosts[worker] = asyncio.get_running_loop().create_future()
+        return fut
+
+    async def add(self, worker: str, data: bytes, epoch: int) -> str:
+        """Start one worker here from its pickled spec; a failure fails every call addressed to it."""
+        from ray import cloudpickle
+
+        fut = self._slot(worker)
+        if fut.done():  # the same name again, after a failed or removed one
+            fut = self._hosts[worker] = asyncio.get_running_loop().create_future()
+        try:
+            host = RayHost(cloudpickle.loads(data), self._namespace, epoch, self._config)
+        except BaseException as exc:
+            fut.set_exception(exc)
+            fut.exception()  # retrieved: the calls that wait for this worker raise it
+            raise
+        fut.set_result(host)
+        return worker
+
+    async def call(self, worker: str, method: str, *args: Any) -> Any:
+        """RayHost.<method>(*args) of one worker, once it has started."""
+        if method not in _MEMBER_METHODS:
+            raise E.ConfigError(f"no such worker method {method!r}", worker=worker)
+        host = await self._slot(worker)
+        return await getattr(host, method)(*args)
+
+    async def identity(self, worker: str) -> dict:
+        """Who hosts the worker (as ``_identity``), once it has started; its start-up error otherwise."""
+        await self._slot(worker)
+        return _identity(self)
+
+    async def remove(self, worker: str) -> int:
+        """Stop one worker of this process; returns how many remain."""
+        fut = self._hosts.pop(worker, None)
+        if fut is not None and fut.done() and fut.exception() is None:
+            await fut.result().stop()
+        return sum(1 for f in self._hosts.values() if not f.done() or f.exception() is None)
+
+
+class _MemberMethod:
+    def __init__(self, process: Any, worker: str, method: str) -> None:
+        self._process, self._worker, self._method = process, worker, method
+
+    def remote(self, *args: Any) -> Any:
+        return self._process.call.remote(self._worker, self._method, *args)
+
+
+class Member:
+    """A worker in a shared process, with the remote methods of a RayHost actor handle."""
+
+    def __init__(self, process: Any, worker: str) -> None:
+        self.process = process
+        self.worker = worker
+
+    @property
+    def _actor_id(self) -> Any:
+        return self.process._actor_id
+
+    @property
+    def __ray_call__(self) -> Any:
+        return self.process.__ray_call__
+
+    def __getattr__(self, method: str) -> _MemberMethod:
+        if method.startswith("_") or method not in _MEMBER_METHODS:
+            raise AttributeError(method)
+        return _MemberMethod(self.process, self.worker, method)
+
+    def __reduce__(self) -> tuple:
+        return (Member, (self.process, self.worker))
+
+
+def _lookup(worker: str, namespace: str) -> Any:
+    """The handle of a worker: its own actor, or its place in a shared process; ValueError if neither."""
+    try:
+        return ray.get_actor(worker, namespace=namespace)
+    except ValueError:
+        from ray.experimental import internal_kv
+
+        where = internal_kv._internal_kv_get(f"{namespace}/{worker}", namespace=_KV_NAMESPACE)
+        if where is None:
+            raise
+        return Member(ray.get_actor(where.decode(), namespace=namespace), worker)
 
 
 def _identity(_host: Any) -> dict:
@@ -286,11 +402,18 @@ class RayTransport:
     # Frames cross processes: the receiver's buffer is a copy read from a socket (or Ray's bytes).
     capabilities = Capabilities(places_gpus=True, placement_groups=True, restarts_workers=True)
 
-    def __init__(self, address: Optional[str] = None, channels: Optional[bool] = None, **ray_kwargs: Any) -> None:
+    def __init__(self, address: Optional[str] = None, channels: Optional[bool] = None,
+                 workers_per_process: int = 1, **ray_kwargs: Any) -> None:
         self.started_ray = False
         if channels is None:
             channels = os.environ.get("ACTORGRAD_CHANNELS", "1") != "0"
         self.channels = channels
+        if isinstance(workers_per_process, bool) or not isinstance(workers_per_process, int) or workers_per_process < 1:
+            raise E.ConfigError(f"workers_per_process must be a positive integer, got {workers_per_process!r}")
+        # Up to this many workers share one process (spawn order fills a process, then opens the next).
+        self.workers_per_process = workers_per_process
+        self._process: Optional[tuple[str, Any, list[str]]] = None  # the one being filled: name, handle, members
+        self._members: dict[str, str] = {}  # worker -> the shared process that hosts it
         if not ray.is_initialized():
             kwargs: dict[str, Any] = {"logging_level": logging.WARNING}
             if address is None and not os.environ.get("RAY_ADDRESS"):
@@ -305,6 +428,9 @@ class RayTransport:
                 # The embedded default always starts its own instance, even when a `ray start`
                 # cluster runs on this machine (plain ray.init() would join that one).
                 address = "local"
+            if address == "local":
+                # Our own instance only (a cluster we join is configured by whoever started it).
+                kwargs["_system_config"] = {**EMBEDDED_SYSTEM_CONFIG, **(kwargs.get("_system_config") or {})}
             ray.init(address=address, **kwargs)
             self.started_ray = True
         self.namespace = f"actorgrad-{uuid.uuid4().hex[:8]}"
@@ -320,6 +446,7 @@ class RayTransport:
         # then (pid, Ray worker and node ids): what a death-cause lookup asks Ray about.
         self._start: dict[str, tuple[float, cf.Future]] = {}
         self._ident: dict[str, dict] = {}
+        self._start_errors: dict[str, BaseException] = {}  # what a failed start raised
         self._deaths: dict[str, cf.Future] = {}  # one death-cause lookup per worker incarnation
         self._death_lock = threading.Lock()
         self._io: Optional[asyncio.AbstractEventLoop] = None
@@ -394,9 +521,12 @@ class RayTransport:
                 placement_group=options["placement_group"], placement_group_bundle_index=options["bundle_index"])
             opts["num_cpus"] = options.get("bundle_cpus", opts["num_cpus"])
         try:
-            actor = ray.remote(RayHost).options(**opts).remote(self._spec_arg(spec, opts), self.namespace,
-                                                               epoch_of(self.caller),
-                                                               self.channel_config)
+            if self._shares(options):
+                actor = self._spawn_member(spec, opts)
+            else:
+                actor = ray.remote(RayHost).options(**opts).remote(self._spec_arg(spec, opts), self.namespace,
+                                                                   epoch_of(self.caller),
+                                                                   self.channel_config)
         except (TypeError, pickle.PicklingError) as exc:
             # What ag.spawn's own check did not catch (a class Ray ships by value): the same ConfigError.
             if "serializ" not in str(exc) and "pickle" not in str(exc):
@@ -408,6 +538,35 @@ class RayTransport:
             self._waiting[spec.name] = {}
             self._open_channel(spec.name, actor)
         return actor
+
+    def _shares(self, options: dict[str, Any]) -> bool:
+        """Whether this worker goes into a shared process: when asked for, and only plain CPU workers.
+
+        A worker that asks for CPUs, GPUs or resources, is placed in a group, may be restarted, or is
+        one of several replicas keeps a process of its own.
+        """
+        return self.workers_per_process > 1 and not any(
+            options.get(k) for k in ("num_cpus", "num_gpus", "resources", "placement_group", "max_restarts",
+                                     "replicas"))
+
+    def _spawn_member(self, spec: WorkerSpec, opts: dict[str, Any]) -> Member:
+        """Start the worker in the shared process being filled (a new one when it is full)."""
+        from ray import cloudpickle
+        from ray.experimental import internal_kv
+
+        data = cloudpickle.dumps(spec)  # unpickled inside RayProcess.add: a failure there names the worker
+        if self._process is None or len(self._process[2]) >= self.workers_per_process:
+            name = f"actorgrad-process-{uuid.uuid4().hex[:8]}"
+            handle = ray.remote(RayProcess).options(
+                name=name, namespace=self.namespace, num_cpus=0, max_concurrency=_MAX_CONCURRENCY,
+                max_restarts=0, max_task_retries=0).remote(self.namespace, self.channel_config)
+            self._process = (name, handle, [])
+        name, handle, members = self._process
+        internal_kv._internal_kv_put(f"{self.namespace}/{spec.name}", name, namespace=_KV_NAMESPACE)
+        handle.add.remote(spec.name, data, epoch_of(self.caller))
+        members.append(spec.name)
+        self._members[spec.name] = name
+        return Member(handle, spec.name)
 
     def _spec_arg(self, spec: WorkerSpec, opts: dict[str, Any]) -> Any:
         """The spec as the actor's constructor argument: in the object store when Ray may restart it."""
@@ -432,13 +591,18 @@ class RayTransport:
         """Note when the worker's constructor has run (and which process it is) without waiting for it."""
         done: cf.Future = cf.Future()
         self._start[name] = (time.monotonic(), done)
-        ref = actor.__ray_call__.remote(_identity)
+        self._start_errors.pop(name, None)
+        if isinstance(actor, Member):
+            ref = actor.process.identity.remote(name)
+        else:
+            ref = actor.__ray_call__.remote(_identity)
 
         def started(f: cf.Future) -> None:
             try:
                 ident = f.result()
-            except Exception:  # it died starting: not "still starting" any more
+            except Exception as exc:  # it died starting: not "still starting" any more
                 ident = None
+                self._start_errors[name] = exc
             if self._start.get(name, (0.0, None))[1] is done:  # not a call of an older incarnation
                 if ident is not None:
                     self._ident[name] = ident
@@ -457,6 +621,21 @@ class RayTransport:
         if start is None or start[1].done():
             return None
         return time.monotonic() - start[0]
+
+    def start_failure(self, worker: str, timeout: float = 2.0) -> Optional[str]:
+        """Why the worker failed to start (its module or constructor raised, its process died); None if it did not."""
+        start = self._start.get(worker)
+        if start is None or not start[1].done() or start[1].result() is not None:
+            return None
+        exc = self._start_errors.get(worker)
+        text = getattr(exc, "error_msg", None) or (str(exc) if exc is not None else "")
+        if worker in self._members:  # the shared process lives on: the error is the worker's own
+            last = [ln for ln in text.strip().splitlines() if ln.strip()]
+            return f"it failed while starting: {last[-1].strip() if last else type(exc).__name__}"
+        why = death.describe(text) if text else None
+        if why is None:
+            why = self._explain_death(worker).result(timeout + 0.5) if timeout > 0 else None
+        return why or f"{death.GENERIC} while starting"
 
     def _death_reason(self, worker: str, timeout: float = 2.0) -> Optional[str]:
         """Ask Ray, for at most ``timeout`` seconds, why the worker's process died; None if it does not say."""
@@ -729,13 +908,33 @@ class RayTransport:
         if ch is not None and self._io is not None:
             asyncio.run_coroutine_threadsafe(ch.closed(), self._io)
         actor = self._actors.pop(worker, None)
-        if actor is not None:
+        if isinstance(actor, Member):
+            self._kill_member(worker, actor)
+        elif actor is not None:
             try:
                 ray.kill(actor, no_restart=True)
             except Exception:  # already dead
                 pass
         self._spec_refs.pop(worker, None)  # never restarted again: Ray may free the spec now
         self._start.pop(worker, None)
+
+    def _kill_member(self, worker: str, actor: Member) -> None:
+        """Stop one worker of a shared process; the process goes once none of its workers is left."""
+        process = self._members.pop(worker, None)
+        if self._process is not None and self._process[0] == process and worker in self._process[2]:
+            self._process[2].remove(worker)
+        if process is not None and process not in self._members.values():
+            if self._process is not None and self._process[0] == process:
+                self._process = None
+            try:
+                ray.kill(actor.process, no_restart=True)
+            except Exception:  # already dead
+                pass
+            return
+        try:
+            actor.process.remove.remote(worker)
+        except Exception:  # the process is gone
+            pass
 
     def close(self) -> None:
         """Stop and kill every worker; shut Ray down if this transport started it."""
