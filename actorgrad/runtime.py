@@ -54,6 +54,9 @@ __all__ = ["Runtime", "WorkerInfo", "DEFAULT_TIMEOUT", "PROBE_MARGIN", "START_LI
 
 WhatFn = Callable[[], tuple[str, list[tuple[str, Optional[int]]]]]
 
+# What a call's arguments hold that goes to its leaf function as it is (never through pytree).
+_LEAVES = (torch.Tensor, Node)
+
 # The structure key of an operation's call (see CallerCore.structures): its result is one tensor.
 EXPR_KEY = ("<operation>",)
 
@@ -535,8 +538,8 @@ class Runtime:
                     if x.real is None and (top or x.several or (fuse and not x.uses)):
                         x.uses += not top
                         op = x.op
-                        return m.Op(op.fn, structure.encode(op.args, leaf, f"{where}.args"),
-                                    structure.encode(op.kwargs, leaf, f"{where}.kwargs"))
+                        return m.Op(op.fn, structure.encode(op.args, leaf, f"{where}.args", _LEAVES),
+                                    structure.encode(op.kwargs, leaf, f"{where}.kwargs", _LEAVES))
                     x = self.materialize(x)
                 if isinstance(x, Node):
                     self._check_input_node(x, step, worker, where)
@@ -550,14 +553,16 @@ class Runtime:
                 raise TypeError(f"{where}: cannot send a value of type {type(x).__name__}")
 
             try:
-                args_t = [structure.encode(a, leaf, f"argument {i}") for i, a in enumerate(args)]
-                kwargs_t = {k: structure.encode(v, leaf, f"argument {k!r}") for k, v in kwargs.items()}
+                args_t = [structure.encode(a, leaf, f"argument {i}", _LEAVES) for i, a in enumerate(args)]
+                kwargs_t = {k: structure.encode(v, leaf, f"argument {k!r}", _LEAVES) for k, v in kwargs.items()}
                 codec.check_value_tree(args_t)
                 codec.check_value_tree(kwargs_t)
             except TypeError as exc:
                 raise E.ConfigError(f"cannot send the arguments of this call: {exc}; pass Nodes, tensors, numbers, "
                                     "strings, None, or tuples/lists/dicts/namedtuples/dataclasses of them",
                                     worker=worker) from None
+            finally:
+                del leaf  # it refers to itself: without this the caller's tensors would wait for the collector
             leaf_pos: list[int] = []
             leaf_src: list[torch.Tensor] = []
             if leaf_of:

@@ -68,54 +68,73 @@ def _is_constant_tree(x: Any, depth: int = 0) -> bool:
     return isinstance(x, CONSTANTS)
 
 
-def encode(value: Any, leaf: Callable[[Any, str], Any], path: str = "") -> Any:
+class _OneLevel:
+    """``is_leaf`` for ``tree_flatten`` that stops below the root: one level of a container.
+
+    It holds no reference to the value: pytree's flattening keeps its ``is_leaf`` in a reference
+    cycle until the garbage collector runs, and a Node held that long would keep its worker's
+    output past its step.
+    """
+
+    __slots__ = ("root",)
+
+    def __init__(self) -> None:
+        self.root = True
+
+    def __call__(self, _: Any) -> bool:
+        root, self.root = self.root, False
+        return not root
+
+
+def encode(value: Any, leaf: Callable[[Any, str], Any], path: str = "",
+           leaf_types: tuple[type, ...] = (torch.Tensor,)) -> Any:
     """``value`` as a wire tree; ``leaf(x, path)`` gives the wire form of each leaf that is not a constant.
 
+    ``leaf_types``: what goes to ``leaf`` without asking pytree (tensors; the caller's Nodes).
     Raises TypeError naming the path of anything that cannot be sent.
     """
+    if isinstance(value, leaf_types):
+        return leaf(value, path)
     t = type(value)
+    sub = lambda v, p: encode(v, leaf, p, leaf_types)  # noqa: E731
     if t is tuple:
-        return tuple(encode(v, leaf, f"{path}[{i}]") for i, v in enumerate(value))
+        return tuple(sub(v, f"{path}[{i}]") for i, v in enumerate(value))
     if t is list:
-        return [encode(v, leaf, f"{path}[{i}]") for i, v in enumerate(value)]
+        return [sub(v, f"{path}[{i}]") for i, v in enumerate(value)]
     if t is dict:
         for k in value:
             if not _key_ok(k):
                 raise TypeError(f"{path}: dictionary keys must be str or int, got {type(k).__name__}")
-        return {k: encode(v, leaf, f"{path}[{k!r}]") for k, v in value.items()}
+        return {k: sub(v, f"{path}[{k!r}]") for k, v in value.items()}
     if isinstance(value, CONSTANTS):
         return value
     if isinstance(value, torch.Size):
         return tuple(int(d) for d in value)
     if isinstance(value, PackedSequence):
-        return m.Typed("packed", _PACKED_REF, None,
-                       tuple(encode(v, leaf, f"{path}.{f}") for f, v in zip(value._fields, value)))
+        return m.Typed("packed", _PACKED_REF, None, tuple(sub(v, f"{path}.{f}") for f, v in zip(value._fields, value)))
     if dataclasses.is_dataclass(value) and not isinstance(value, type) and t not in pytree.SUPPORTED_NODES:
         names = tuple(f.name for f in dataclasses.fields(value))
-        return m.Typed("dataclass", _note(t), names,
-                       tuple(encode(getattr(value, n), leaf, f"{path}.{n}") for n in names))
-    children, spec = pytree.tree_flatten(value, is_leaf=lambda y: y is not value)
+        return m.Typed("dataclass", _note(t), names, tuple(sub(getattr(value, n), f"{path}.{n}") for n in names))
+    children, spec = pytree.tree_flatten(value, is_leaf=_OneLevel())
     if spec.is_leaf() and isinstance(value, dict):
         # A dict subclass this process has not registered (a class shipped by value to a worker, whose
         # module's registration never ran there): its keys and values, rebuilt as that class.
         for k in value:
             if not _key_ok(k):
                 raise TypeError(f"{path}: dictionary keys must be str or int, got {type(k).__name__}")
-        return m.Typed("mapping", _note(t), list(value), tuple(encode(v, leaf, f"{path}[{k!r}]")
-                                                              for k, v in value.items()))
+        return m.Typed("mapping", _note(t), list(value), tuple(sub(v, f"{path}[{k!r}]") for k, v in value.items()))
     if spec.is_leaf():  # not a container pytree knows: a tensor, a Node, or something unsendable
         return leaf(value, path)
     if spec.type is collections.namedtuple:
         cls = spec.context
         return m.Typed("namedtuple", _note(cls), tuple(cls._fields),
-                       tuple(encode(v, leaf, f"{path}.{f}") for f, v in zip(cls._fields, children)))
+                       tuple(sub(v, f"{path}.{f}") for f, v in zip(cls._fields, children)))
     context = spec.context
     if not _is_constant_tree(context):
         raise TypeError(f"{path}: a {t.__name__} cannot be sent (its structure holds {type(context).__name__}); "
                         "use a dict, list, tuple, namedtuple or dataclass")
     keys = context if isinstance(context, list) and len(context) == len(children) else range(len(children))
-    return m.Typed("pytree", _note(spec.type), context,
-                   tuple(encode(v, leaf, f"{path}[{k!r}]") for k, v in zip(keys, children)))
+    return m.Typed("pytree", _note(spec.type), context, tuple(sub(v, f"{path}[{k!r}]") for k, v in zip(keys, children)))
 
 
 def decode(tree: Any, leaf: Callable[[Any], Any], types: "TypeResolver") -> Any:

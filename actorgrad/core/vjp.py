@@ -74,7 +74,10 @@ def build_arguments(tree: Any, leaves: list[torch.Tensor], types: TypeResolver,
         kwargs = {k: decode(v, leaf, types) for k, v in x.kwargs.items()}
         return ops.evaluate(x, args, kwargs)
 
-    return decode(tree, leaf, types)
+    try:
+        return decode(tree, leaf, types)
+    finally:
+        del leaf  # it refers to itself: without this the inputs would wait for the garbage collector
 
 
 def make_leaves(values: list[torch.Tensor], grad: list[bool]) -> list[torch.Tensor]:
