@@ -387,6 +387,10 @@ class StepReport:
     workers: dict[str, WorkerReport] = field(default_factory=dict)
     passes: int = 0
     seconds: float = 0.0
+    # The caller's messages to workers for this step (calls, routes, plans, close, commit) and the
+    # replies it got: a step that repeats the previous one sends as many (see bench/results.md).
+    messages: int = 0
+    replies: int = 0
 
     @property
     def updated(self) -> list[str]:
@@ -395,8 +399,8 @@ class StepReport:
 
     def to_dict(self) -> dict[str, Any]:
         """The report as plain values: step, passes, seconds, and per worker its fields."""
-        return {"step": self.step, "passes": self.passes, "seconds": self.seconds,
-                "workers": {n: asdict(w) for n, w in self.workers.items()}}
+        return {"step": self.step, "passes": self.passes, "seconds": self.seconds, "messages": self.messages,
+                "replies": self.replies, "workers": {n: asdict(w) for n, w in self.workers.items()}}
 
     def __repr__(self) -> str:
         return (f"StepReport(step={self.step}, workers={len(self.workers)}, updated={self.updated}, "

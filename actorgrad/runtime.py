@@ -868,7 +868,10 @@ class Runtime:
                 if step.error is not None:
                     self.core.finish(step)
             step.report = StepReport(step=step.id, workers=self._reports(step), passes=len(step.passes),
-                                     seconds=time.perf_counter() - step.started)
+                                     seconds=time.perf_counter() - step.started, messages=step.messages,
+                                     replies=step.replies)
+            if self.tracer.enabled:
+                self.tracer.instant("step", step=step.id, messages=step.messages, replies=step.replies)
             self.core.finish(step)
             return step.report
 

@@ -109,6 +109,8 @@ class StepRecord:
     released: set[int] = field(default_factory=set)  # calls its worker freed early (Release)
     # Workers closed with the step although it gave them no call or plan (a schedule stepped every step).
     bystanders: set[str] = field(default_factory=set)
+    messages: int = 0  # messages the caller sent to workers for this step (requests and one-way)
+    replies: int = 0  # replies to this step's requests that came back
 
     def participants(self) -> set[str]:
         """Workers that got a call, a plan or a close of this step: the ones to close, commit or abort."""
@@ -185,6 +187,13 @@ class CallerCore:
         return seq
 
     def _send(self, worker: str, msg: m.Message, request: Optional[Request] = None) -> Send:
+        step = getattr(msg, "step", None)
+        if isinstance(msg, m.Route):  # of the step of the call whose output it routes
+            call = self.graph.calls.get(msg.call)
+            step = call.step if call is not None else None
+        rec = self.steps.get(step) if type(step) is int else None
+        if rec is not None:
+            rec.messages += 1
         return Send(worker, self.next_seq(worker), msg, request)
 
     def _request(self, worker: str, msg: Any, kind: Kind, step: Optional[StepRecord], obj: Any = None) -> Send:
@@ -328,6 +337,8 @@ class CallerCore:
             return []  # answered already, or of an epoch before a recovery
         self.requests.pop(r.req, None)
         r.done = True
+        if r.step is not None:
+            r.step.replies += 1
         sends: list[Send] = []
         expected = _REPLY.get(r.kind, m.Ack)
         if error is not None:

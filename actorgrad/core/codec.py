@@ -804,7 +804,7 @@ _STRUCT_FIELDS = {"refs", "expect", "seeds", "calls", "passes", "retain", "outpu
 
 def _plain(value: Any) -> Any:
     if isinstance(value, (m.RefSpec, m.Expect, m.SeedGrad, m.OutputMeta)):
-        return [_plain(getattr(value, f.name)) for f in fields(value)]
+        return [_plain(getattr(value, name)) for name in _names(type(value))]
     if isinstance(value, (list, tuple)):
         return [_plain(v) for v in value]
     return value
@@ -864,11 +864,11 @@ def decode_frame(frame: Frame) -> m.Message:
     if len(raw) - 1 != len(validators):
         raise DecodeError(f"{cls.__name__} needs {len(validators)} fields, got {len(raw) - 1}")
     values = []
-    for f, validator, value in zip(fields(cls), validators, raw[1:]):
+    for name, validator, value in zip(_names(cls), validators, raw[1:]):
         try:
             values.append(validator(value))
         except DecodeError as e:
-            raise DecodeError(f"{cls.__name__}.{f.name}: {e.message}") from None
+            raise DecodeError(f"{cls.__name__}.{name}: {e.message}") from None
     if cls is m.Forward:
         _check_slots(values)
     elif cls is m.ForwardDone:

@@ -56,11 +56,10 @@ def add_grads(into: Grads, more: Grads, owned: Optional[set[str]] = None) -> Non
 
 
 def grad_norm(grads: Grads) -> float:
-    """The global L2 norm of a set of gradients (per-tensor norms in their own dtype, then combined)."""
+    """The global L2 norm of a set of gradients, as ``clip_grad_norm_`` takes it (fused: one device sync)."""
     if not grads:
         return 0.0
-    norms = [float(torch.linalg.vector_norm(g.detach())) for g in grads.values()]
-    return float(sum(n * n for n in norms) ** 0.5)
+    return float(torch.nn.utils.get_total_norm([g.detach() for g in grads.values()]))
 
 
 class Weights(dict):
@@ -110,6 +109,9 @@ class Updater:
         self.scheduler = scheduler
         self.weights_version = weights_version
         self.version = 0  # number of updates applied; names a weight version
+        # The last _preview_clip, keyed by the gradient tensors and their in-place versions: a step's
+        # report previews the update that applying the same gradients then makes (one norm, not two).
+        self._preview: Optional[tuple[tuple, tuple[float, bool]]] = None
         self.reset()
 
     def reset(self) -> None:
@@ -176,6 +178,7 @@ class Updater:
         finally:
             for p in params.values():
                 p.grad = None
+            self._preview = None  # applied: let the gradients go
         self.version += 1  # the weights changed, even if the schedule below raises
         rec = self.records.setdefault(step, StepMetrics())
         rec.updates += 1
@@ -244,6 +247,17 @@ class Updater:
 
     def _preview_clip(self, grads: Grads) -> tuple[float, bool]:
         """The gradient norm (before clipping) and whether clipping will change ``grads``."""
+        # The tensors themselves, not their ids (a freed tensor's id is used again); compared by identity.
+        key = tuple((name, g, g._version) for name, g in grads.items())
+        memo = self._preview
+        if memo is not None and len(memo[0]) == len(key) and all(
+                a[0] == b[0] and a[1] is b[1] and a[2] == b[2] for a, b in zip(memo[0], key)):
+            return memo[1]
+        result = self._measure_clip(grads)
+        self._preview = (key, result)
+        return result
+
+    def _measure_clip(self, grads: Grads) -> tuple[float, bool]:
         opts = self.options
         if opts.clip_grad_norm is not None:
             norm = float(torch.nn.utils.get_total_norm(list(grads.values())))

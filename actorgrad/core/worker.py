@@ -110,6 +110,8 @@ class WorkerCore:
         # What the hosting transport holds for this worker (frames out of order), for stats().
         self.host_stats: Callable[[], dict[str, int]] = dict
         self._out: list[Out] = []
+        self.messages_in = 0  # counted for stats(): a regression in messages per step shows there
+        self.messages_out = 0
         self._init_steps()
 
     def _init_steps(self) -> None:
@@ -146,6 +148,7 @@ class WorkerCore:
         first, so that gradients leave before this worker spends time on its update.
         """
         self._out = []
+        self.messages_in += 1
         match msg:
             case m.Forward():
                 self.step_table.seen(msg.step)
@@ -204,6 +207,7 @@ class WorkerCore:
     # --- small helpers ------------------------------------------------------
 
     def _send(self, to: str, msg: m.Message) -> None:
+        self.messages_out += 1
         self._out.append((to, msg))
 
     def _ack(self, req: int, data: Any) -> None:
@@ -744,6 +748,9 @@ class WorkerCore:
             "early_messages": len(self.call_table.early) + len(self.pass_table.early),
             "pending_grads": len(self.updates.pending.by_step),
             "version": self.updates.version,
+            # Messages handled here, and sent to other workers (replies to the caller not counted).
+            "messages_in": self.messages_in,
+            "messages_out": self.messages_out,
             **self.host_stats(),
         }
 

@@ -32,10 +32,6 @@ from .base import CALLER, Capabilities, Host, Outbound, epoch_of, sender_key
 log = logging.getLogger("actorgrad.transport.local")
 
 T = TypeVar("T")
-# Handling that costs less than this (moving average, per kind of message) runs on the loop thread: more
-# than on Ray, where the loop is the worker's own, because here each hop to a compute thread and back is
-# two thread wake-ups, and what runs inline holds up the other workers only that long.
-LOCAL_INLINE_SECONDS = 0.002
 
 
 class LocalTransport:
@@ -57,6 +53,7 @@ class LocalTransport:
         self._outbox: collections.deque = collections.deque()
         self._outbox_lock = threading.Lock()
         self._flush_due = False
+        self._replies: list[tuple[cf.Future, Any]] = []  # completed at the end of the loop's turn
 
     def _call(self, fn: Callable[..., T], *args: Any, timeout: float = 30.0) -> T:
         async def run() -> T:
@@ -77,8 +74,7 @@ class LocalTransport:
         return None
 
     def _new_host(self, core: WorkerCore, epoch: int) -> Host:
-        return Host(core, self._deliver, self._loop, inline=True, epoch=epoch, objects=True, inline_unmeasured=False,
-                    inline_seconds=LOCAL_INLINE_SECONDS)
+        return Host(core, self._deliver, self._loop, inline=True, epoch=epoch, objects=True, inline_unmeasured=False)
 
     def _deliver(self, to: str, sender: str, seq: int, frame: Any) -> None:
         # On the loop thread; hosts send private messages (codec.copy_message).
@@ -122,11 +118,20 @@ class LocalTransport:
         fut: cf.Future = cf.Future()
 
         def reply(answer: Any) -> None:
-            if not fut.done():
-                fut.set_result(answer)
+            # On the loop thread: completed once this turn of the loop is done, with every other
+            # reply of it, so that the caller wakes once for them all (see [Note: local wake-ups]).
+            self._replies.append((fut, answer))
+            if len(self._replies) == 1:
+                self._loop.call_soon(self._complete_replies)
 
         self._post(host, seq, frame, reply)
         return fut
+
+    def _complete_replies(self) -> None:
+        replies, self._replies = self._replies, []
+        for fut, answer in replies:
+            if not fut.done():
+                fut.set_result(answer)
 
     def probe(self, workers: list[str], timeout: float) -> dict[str, list[str]]:
         """Ask workers what they still wait for, all in one turn of the loop; a loop that does not
