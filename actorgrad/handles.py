@@ -209,7 +209,7 @@ class Node(NodeOps):
 class DerivedNode(Node):
     """The result of a tensor operation on Nodes; computed where it is used (see nodeops.py)."""
 
-    __slots__ = ("op", "uses", "real", "several", "_meta")
+    __slots__ = ("op", "uses", "real", "several", "_meta", "_first")
 
     def __init__(self, runtime: Runtime, op: Op, several: bool = False) -> None:
         # call is None until the operation is materialized: the runtime resolves a DerivedNode first.
@@ -219,6 +219,7 @@ class DerivedNode(Node):
         self.real: Optional[Node] = None  # the Node of its materialized result
         self.several = several  # a several-tensor result: only its items (GETITEM) are used
         self._meta: Any = None
+        self._first: Optional[Node] = None  # see first_base
 
     def bases(self) -> list[Node]:
         """The computed Nodes this operation reads, in order."""
@@ -232,6 +233,14 @@ class DerivedNode(Node):
                 found.append(x)
         return found
 
+    @property
+    def first_base(self) -> Node:
+        """The first computed Node this operation reads: its worker computes the result. Found once:
+        an operand materialized later holds its result in that same worker and step."""
+        if self._first is None:
+            self._first = self.bases()[0]
+        return self._first
+
     def _meta_value(self) -> Any:
         if self._meta is None:
             self._meta = meta_of_op(self.op)
@@ -244,12 +253,12 @@ class DerivedNode(Node):
     @property
     def worker(self) -> str:
         """The worker that holds (or would compute) the result: that of its first Node operand."""
-        return self.real.worker if self.real is not None else self.bases()[0].worker
+        return self.real.worker if self.real is not None else self.first_base.worker
 
     @property
     def step(self) -> int:
         """The step this value belongs to."""
-        return self.bases()[0].step
+        return self.first_base.step
 
     @property
     def shape(self) -> torch.Size:

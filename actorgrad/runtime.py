@@ -612,7 +612,7 @@ class Runtime:
         with self._lock:
             if node.real is None:
                 assert not node.several, "a several-tensor result is only used through its items"
-                node.real = self.call(node.bases()[0].call.worker, (node,), {}, expr=True)
+                node.real = self.call(node.first_base.worker, (node,), {}, expr=True)
             return node.real
 
     def meta(self, node: Node, timeout: Optional[float] = None) -> tuple[torch.Size, torch.dtype]:

@@ -185,15 +185,16 @@ def test_cause_is_known_when_ray_restarts_the_worker(ray_session, tmp_path):
 
 
 class SlowStart(torch.nn.Linear):
-    """A Linear layer that takes 3 s to unpickle in any process but the one that created it."""
+    """A Linear layer that takes ``delay`` seconds to unpickle in any process but the one that created it."""
 
-    def __init__(self) -> None:
+    def __init__(self, delay: float = 3.0) -> None:
         super().__init__(2, 2)
         self.origin = os.getpid()
+        self.delay = delay  # 3 s: what importing a big model's code or loading its weights costs
 
     def __setstate__(self, state: dict) -> None:
         if state.get("origin") != os.getpid():
-            time.sleep(3)  # what importing a big model's code or loading its weights costs
+            time.sleep(state["delay"])
         super().__setstate__(state)
 
 

@@ -224,5 +224,6 @@ def test_the_graph_draws_a_replicated_worker_once(local):
     step_fn(1)
     ag.step()
     dot = ag.graph()
-    assert '"mid"' in dot or "mid" in dot
-    assert "mid[1]" not in dot
+    # One node for the replicated worker, with every call of its replicas, and one edge in and out.
+    assert dot.count('"mid" [shape=plain') == 1 and "<B>mid</B>" in dot and "mid[1]" not in dot
+    assert '"first" -> "mid" [label="4 calls' in dot and '"mid" -> "last" [label="4 calls' in dot

@@ -9,13 +9,13 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
 
 import actorgrad as ag
 from actorgrad import errors as E
+from test_death_cause import SlowStart
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -30,19 +30,6 @@ class BadStart(torch.nn.Linear):
     def __setstate__(self, state: dict) -> None:
         if state.get("origin") != os.getpid():
             raise RuntimeError("weights file missing on this node")
-        super().__setstate__(state)
-
-
-class SlowStart(torch.nn.Linear):
-    """A Linear layer that takes a minute to unpickle in any process but the one that created it."""
-
-    def __init__(self) -> None:
-        super().__init__(2, 2)
-        self.origin = os.getpid()
-
-    def __setstate__(self, state: dict) -> None:
-        if state.get("origin") != os.getpid():
-            time.sleep(60)
         super().__setstate__(state)
 
 
@@ -64,7 +51,7 @@ def test_a_worker_that_cannot_start_is_named_at_once(ray_session):
     ray_session()
     ag.init(backend="ray", timeout=30)
     try:
-        ag.spawn(SlowStart(), name="slow")
+        ag.spawn(SlowStart(delay=60), name="slow")
         ag.spawn(BadStart(), name="bad")
         with pytest.raises(E.WorkerDied) as info:
             ag.ready(progress=False)
