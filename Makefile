@@ -9,7 +9,7 @@ PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
 DIST ?= dist
 
-.PHONY: install demo test dist examples bench bench-scale soak cluster-demo clean
+.PHONY: install demo test dist examples bench bench-dataplane gpu-check bench-scale soak cluster-demo clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -35,8 +35,15 @@ dist: $(STAMP)  ## build the sdist and the wheel into dist/ and check them (twin
 	env -u PYTHONDONTWRITEBYTECODE $(PY) -m build -q --no-isolation --outdir $(DIST) .
 	$(PY) -m twine check --strict $(DIST)/*
 
-bench: $(STAMP)  ## actorgrad vs plain PyTorch and torch.distributed.rpc; writes bench/results.md
+bench: $(STAMP)  ## actorgrad vs plain PyTorch and torch.distributed.rpc; writes bench/results.md (and bench/dataplane.md)
 	$(PY) -m bench.bench
+	$(MAKE) bench-dataplane
+
+bench-dataplane: $(STAMP)  ## the gloo data plane vs the channel: large chain and a payload sweep; writes bench/dataplane.md
+	$(PY) -m bench.dataplane --out bench/dataplane.md
+
+gpu-check: $(STAMP)  ## GPU workers (4 x d=4096) exact vs one-GPU PyTorch; NCCL vs host copy vs plain; skips without CUDA
+	$(PY) -m bench.gpu_check
 
 bench-scale: $(STAMP)  ## N = 8, 32, 64 workers (chain, fan-out; one process each and 8 per process): start-up, step, CPU and memory per worker; writes bench/scale.md
 	$(PY) -m bench.scale --n 8 32 64 --shape chain fan --workers-per-process 1 8 --out bench/scale.md

@@ -28,7 +28,7 @@ def init(address: Optional[str] = None, *, backend: str = "ray", timeout: float 
          trace: Optional[str] = None, recover: bool = False, checkpoint_every: int = 10,
          checkpoint_dir: Optional[str] = None, max_restarts: int = 3, keep_checkpoints: int = 2,
          check_finite: bool = False, worker_timeout: Optional[float] = None, seed: Optional[int] = None,
-         **ray_kwargs: Any) -> Runtime:
+         data_plane: str = "auto", **ray_kwargs: Any) -> Runtime:
     """Start or join the runtime (idempotent); ``backend="local"`` runs every worker in this process.
 
     ``timeout`` is the default deadline of every wait in the caller; ``worker_timeout`` (default
@@ -44,6 +44,12 @@ def init(address: Optional[str] = None, *, backend: str = "ray", timeout: float 
     Ray: ``workers_per_process=k`` lets up to k workers share one process (filled in spawn order; a
     worker that asks for CPUs, GPUs, resources, restarts or a placement group keeps its own), which
     saves each worker's start-up (torch alone is about 2 CPU-seconds and 130 MB per process).
+    ``data_plane`` picks how large tensors move between two Ray workers, beside their envelope on the
+    channel: ``"auto"`` (per pair: NCCL between CUDA workers, the authenticated channel otherwise),
+    ``"channel"`` (always the channel), ``"gloo"`` or ``"nccl"``
+    (forced, for measurement); a transfer's deadline is half of ``timeout``, so that its error (naming
+    both workers and the step) comes before the caller's own deadline. See the README's "Data plane".
+    ``backend="local"`` ignores it: its workers share one process and hand tensors over without a copy.
     """
     global _runtime, _init_args
     with _lock:
@@ -51,11 +57,16 @@ def init(address: Optional[str] = None, *, backend: str = "ray", timeout: float 
             raise E.ConfigError(f"backend must be one of {backends()}, got {backend!r}")
         if not isinstance(timeout, (int, float)) or timeout <= 0:
             raise E.ConfigError(f"timeout must be a positive number of seconds, got {timeout!r}")
+        from .transport.dataplane import check_mode
+
+        check_mode(data_plane)
         if _runtime is not None and not _runtime.closed:
             if _runtime.backend != backend:
                 raise E.ConfigError(
                     f"actorgrad is already running with backend={_runtime.backend!r}; call ag.shutdown() first")
             return _runtime
+        if backend == "ray":
+            ray_kwargs.update(data_plane=data_plane, data_plane_timeout=float(timeout) / 2)
         transport = create_transport(backend, address, **ray_kwargs)
         _runtime = Runtime(transport, timeout=float(timeout), trace=trace, check_finite=check_finite,
                            worker_timeout=worker_timeout, seed=seed)

@@ -63,9 +63,9 @@ def median_ms(times: list[float], skip: int) -> float:
 
 
 def run_actorgrad(backend: str, params: list[dict], data: list, lr: float, staleness: int = 0, micro: int = 1,
-                  threads: Optional[int] = None, skip: int = 1) -> tuple[list[float], list[dict]]:
-    """The chain on actorgrad: per-step wall times and final state_dicts."""
-    kwargs: dict[str, Any] = {"backend": backend}
+                  threads: Optional[int] = None, skip: int = 1, **init: Any) -> tuple[list[float], list[dict]]:
+    """The chain on actorgrad: per-step wall times and final state_dicts (``init``: more ag.init options)."""
+    kwargs: dict[str, Any] = {"backend": backend, **init}
     if backend == "ray":
         kwargs["ignore_reinit_error"] = True
     ag.init(**kwargs)

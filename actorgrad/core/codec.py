@@ -10,6 +10,12 @@ of fields and the type of every field, and that every buffer belongs to exactly
 one tensor of the right size; nothing is ever unpickled, and anything
 unexpected raises ``DecodeError``.
 
+[Note: device buffers] A buffer may also be a 1-D uint8 torch tensor: what a
+data plane (transport/dataplane.py) received out of band, on the receiver's
+device, or, with ``encode_frame(msg, device_buffers=True)``, a view of a CUDA
+tensor that stays on its device until a transport writes the frame as bytes
+(``parts``). A tensor is then built on such a buffer (same device, no copy).
+
 [Note: frame ownership] ``encode_frame`` copies nothing: its buffers are views
 of the sender's tensors, which the sender may change later (an optimizer step,
 a user reusing an input). ``Frame.private()`` makes the one copy that lets a
@@ -92,13 +98,18 @@ def tensor_header(dtype: str, shape: list, index: int) -> bytes:
     return msgpack.packb([dtype, list(shape), index], use_bin_type=True)
 
 
-def tensor_buffer(t: torch.Tensor) -> tuple[str, list, Any, bool]:
-    """A tensor's dtype name, shape, raw bytes (a view where possible) and whether those are a private copy."""
+def tensor_buffer(t: torch.Tensor, device_buffers: bool = False) -> tuple[str, list, Any, bool]:
+    """A tensor's dtype name, shape, raw bytes (a view where possible) and whether those are a private copy.
+
+    ``device_buffers``: a non-CPU tensor's bytes stay on its device, as a uint8 tensor (see [Note: device buffers]).
+    """
     name = _DTYPE_NAMES.get(t.dtype)
     if name is None:
         raise TypeError(f"tensors of dtype {t.dtype} cannot be sent")
     t = t.detach()
     private = False
+    if device_buffers and t.device.type != "cpu" and t.numel():
+        return name, list(t.shape), byte_view(t), False
     if t.device.type != "cpu":
         t, private = t.cpu(), True
     if not t.is_contiguous():
@@ -111,11 +122,13 @@ def tensor_buffer(t: torch.Tensor) -> tuple[str, list, Any, bool]:
     return name, list(t.shape), memoryview(arr).cast("B"), private
 
 
-def tensor_from_bytes(dtype: Any, shape: Any, data: Any, owned: bool = False) -> torch.Tensor:
-    """Rebuild a tensor from dtype name, shape and raw bytes, checking each part.
+def byte_view(t: torch.Tensor) -> torch.Tensor:
+    """A contiguous tensor's memory as a flat uint8 tensor on its device (a copy only if not contiguous)."""
+    return t.detach().contiguous().reshape(-1).view(torch.uint8)
 
-    ``owned``: nobody else reads or writes ``data``, so the tensor may be built on it without a copy.
-    """
+
+def tensor_nbytes(dtype: Any, shape: Any) -> int:
+    """The byte size of a tensor header's dtype and shape; DecodeError if either is invalid."""
     if not isinstance(dtype, str) or dtype not in DTYPES:
         raise DecodeError(f"unknown tensor dtype {_brief(dtype)}")
     if not isinstance(shape, list) or len(shape) > MAX_DIMS:
@@ -123,6 +136,27 @@ def tensor_from_bytes(dtype: Any, shape: Any, data: Any, owned: bool = False) ->
     for s in shape:
         if not _is_int(s) or s < 0:
             raise DecodeError(f"tensor shape has an invalid size {_brief(s)}")
+    return math.prod(shape) * _ITEMSIZE[dtype]
+
+
+def tensor_from_bytes(dtype: Any, shape: Any, data: Any, owned: bool = False) -> torch.Tensor:
+    """Rebuild a tensor from dtype name, shape and raw bytes, checking each part.
+
+    ``owned``: nobody else reads or writes ``data``, so the tensor may be built on it without a copy.
+    ``data`` may be a uint8 tensor (see [Note: device buffers]): the tensor is a view of it, on its device.
+    """
+    nbytes = tensor_nbytes(dtype, shape)
+    if isinstance(data, torch.Tensor):
+        if data.dtype is not torch.uint8 or data.dim() != 1 or not data.is_contiguous():
+            raise DecodeError("a tensor buffer must be a contiguous 1-D uint8 tensor")
+        if data.numel() != nbytes:
+            raise DecodeError(f"tensor of dtype {dtype} and shape {shape} needs {nbytes} bytes, got {data.numel()}")
+        if not nbytes:
+            return torch.empty(shape, dtype=DTYPES[dtype], device=data.device)
+        flat = data if owned else data.clone()
+        if flat.data_ptr() % _ITEMSIZE[dtype]:
+            flat = flat.clone()
+        return flat.view(DTYPES[dtype]).reshape(shape)
     try:
         data = memoryview(data)
     except TypeError:
@@ -169,6 +203,11 @@ class _Tensors:
 
     def take(self, payload: bytes) -> torch.Tensor:
         """The tensor a header extension describes, built on its buffer."""
+        dtype, shape, index = self.header(payload)
+        return tensor_from_bytes(dtype, shape, self.buffers[index], self.owned)
+
+    def header(self, payload: bytes) -> tuple[Any, Any, int]:
+        """A tensor extension's ``[dtype, shape, buffer index]``, its index checked and marked taken."""
         if len(payload) > MAX_TENSOR_HEADER:
             raise DecodeError(f"a tensor header of {len(payload)} bytes is longer than {MAX_TENSOR_HEADER}")
         try:
@@ -185,7 +224,22 @@ class _Tensors:
         if index in self.taken:
             raise DecodeError(f"tensor buffer {index} is used twice")
         self.taken.add(index)
-        return tensor_from_bytes(hdr[0], hdr[1], self.buffers[index], self.owned)
+        return hdr[0], hdr[1], index
+
+
+class _Headers(_Tensors):
+    """One peek's buffers: records each tensor header's byte size by buffer index, builds no tensor."""
+
+    __slots__ = ("sizes",)
+
+    def __init__(self, count: int) -> None:
+        super().__init__([None] * count, False)
+        self.sizes: dict[int, int] = {}
+
+    def take(self, payload: bytes) -> None:
+        """Record the header's size; the tensor's place in the tree stays None."""
+        dtype, shape, index = self.header(payload)
+        self.sizes[index] = tensor_nbytes(dtype, shape)
 
 
 # --- frames ------------------------------------------------------------------
@@ -219,7 +273,8 @@ class Frame:
         """This frame with buffers nobody else holds: a copy of each borrowed one (self if already owned)."""
         if self.owned:
             return self
-        return Frame(self.envelope, [bytearray(b) for b in self.buffers], owned=True)
+        return Frame(self.envelope, [b.clone() if isinstance(b, torch.Tensor) else bytearray(b) for b in self.buffers],
+                     owned=True)
 
     def parts(self) -> list:
         """The frame's bytes as buffers to write one after the other (``writelines``: no join copy)."""
@@ -231,6 +286,8 @@ class Frame:
             pad = -pos % ALIGN
             if pad:
                 out.append(_PADDING[:pad])
+            if isinstance(buf, torch.Tensor):  # a device buffer: its bytes now (see [Note: device buffers])
+                buf = memoryview(buf.cpu().numpy()) if len(buf) else b""
             out.append(buf)
             pos += pad + size
         return out
@@ -288,16 +345,17 @@ class Frame:
 class _Packer:
     """One encode: packs value trees and collects their tensors' buffers."""
 
-    __slots__ = ("buffers", "owned")
+    __slots__ = ("buffers", "owned", "device_buffers")
 
-    def __init__(self) -> None:
+    def __init__(self, device_buffers: bool = False) -> None:
         self.buffers: list = []
         self.owned = True  # until a buffer is a view of someone's tensor
+        self.device_buffers = device_buffers
 
     def default(self, obj: Any) -> Any:
         """msgpack's hook for what it cannot pack itself: tensors, slots, tuples."""
         if isinstance(obj, torch.Tensor):
-            name, shape, buf, private = tensor_buffer(obj)
+            name, shape, buf, private = tensor_buffer(obj, self.device_buffers)
             index = len(self.buffers)
             if index >= MAX_BUFFERS:
                 raise TypeError(f"a message may hold at most {MAX_BUFFERS} tensors")
@@ -810,16 +868,19 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def encode_frame(msg: m.Message) -> Frame:
-    """Encode one message: its envelope, and views of its tensors' memory as buffers (no copy)."""
+def encode_frame(msg: m.Message, device_buffers: bool = False) -> Frame:
+    """Encode one message: its envelope, and views of its tensors' memory as buffers (no copy).
+
+    ``device_buffers``: CUDA tensors' buffers stay on their device (see [Note: device buffers]).
+    """
     code = _CODES.get(type(msg))
     if code is None:
         raise TypeError(f"not a message: {type(msg).__name__}")
     payload: list[Any] = [code]
-    for f in fields(msg):
-        value = getattr(msg, f.name)
-        payload.append(_plain(value) if f.name in _STRUCT_FIELDS else value)
-    packer = _Packer()
+    for name in _names(type(msg)):
+        value = getattr(msg, name)
+        payload.append(_plain(value) if name in _STRUCT_FIELDS else value)
+    packer = _Packer(device_buffers)
     try:
         envelope = packer.packb(payload)
     except (RecursionError, ValueError) as e:
@@ -833,6 +894,22 @@ def encode_frame(msg: m.Message) -> Frame:
     return Frame(envelope, packer.buffers, packer.owned)
 
 
+def _unpack_envelope(frame: Frame, tensors: "_Tensors") -> Any:
+    """The envelope's msgpack value, its tensor extensions handed to ``tensors``; DecodeError on bad input."""
+    data = frame.envelope
+    if not isinstance(data, (bytes, memoryview)):
+        raise DecodeError(f"an envelope must be bytes, got {type(data).__name__}")
+    if len(frame.buffers) > MAX_BUFFERS:
+        raise DecodeError(f"a frame holds {len(frame.buffers)} buffers (at most {MAX_BUFFERS})")
+    scan_frame(data)  # before msgpack builds anything: refuses what would nest or expand beyond the budgets
+    try:
+        return _unpackb(data, partial(_ext_hook, tensors, 0))
+    except DecodeError:
+        raise
+    except Exception as e:  # msgpack raises many types on bad input
+        raise DecodeError(f"malformed message: {type(e).__name__}: {e}") from None
+
+
 def decode_frame(frame: Frame) -> m.Message:
     """Decode and validate one message; raise DecodeError on anything unexpected.
 
@@ -840,19 +917,9 @@ def decode_frame(frame: Frame) -> m.Message:
     """
     if not isinstance(frame, Frame):
         raise DecodeError(f"a message must be a Frame, got {type(frame).__name__}")
-    data, buffers = frame.envelope, frame.buffers
-    if not isinstance(data, (bytes, memoryview)):
-        raise DecodeError(f"an envelope must be bytes, got {type(data).__name__}")
-    if len(buffers) > MAX_BUFFERS:
-        raise DecodeError(f"a frame holds {len(buffers)} buffers (at most {MAX_BUFFERS})")
-    scan_frame(data)  # before msgpack builds anything: refuses what would nest or expand beyond the budgets
+    buffers = frame.buffers
     tensors = _Tensors(buffers, frame.owned)
-    try:
-        raw = _unpackb(data, partial(_ext_hook, tensors, 0))
-    except DecodeError:
-        raise
-    except Exception as e:  # msgpack raises many types on bad input
-        raise DecodeError(f"malformed message: {type(e).__name__}: {e}") from None
+    raw = _unpack_envelope(frame, tensors)
     if len(tensors.taken) != len(buffers):
         raise DecodeError(f"a frame holds {len(buffers) - len(tensors.taken)} buffers that no tensor uses")
     if not isinstance(raw, list) or not raw:
@@ -874,6 +941,24 @@ def decode_frame(frame: Frame) -> m.Message:
     elif cls is m.ForwardDone:
         _check_structure(values)
     return cls(*values)
+
+
+def peek(frame: Frame) -> tuple[type, Optional[int], dict[int, int]]:
+    """A frame's message class, its ``step`` field (None if it has none) and each tensor buffer's size by
+    index, as its envelope declares them, without building any tensor; DecodeError as ``decode_frame``.
+
+    A data plane reads this before the tensors themselves have arrived (see transport/dataplane.py).
+    """
+    headers = _Headers(len(frame.buffers))
+    raw = _unpack_envelope(frame, headers)
+    if not isinstance(raw, list) or not raw or not _is_int(raw[0]) or raw[0] not in SCHEMA:
+        raise DecodeError("not a message")
+    cls = SCHEMA[raw[0]][0]
+    names = _names(cls)
+    if len(raw) - 1 != len(names):
+        raise DecodeError(f"{cls.__name__} needs {len(names)} fields, got {len(raw) - 1}")
+    step = raw[1 + names.index("step")] if "step" in names else None
+    return cls, step if _is_int(step) else None, headers.sizes
 
 
 def encode(msg: m.Message) -> bytes:

@@ -136,6 +136,8 @@ class Host:
         self.inline_unmeasured = inline_unmeasured
         self.inline_seconds = inline_seconds
         self.objects = objects  # peers and replies get messages (codec.copy_message), not frames
+        # Frames to peers keep CUDA tensors on the device: a data plane moves them (transport/dataplane.py).
+        self.device_buffers = False
         self.name = core.name
         # [Note: epochs] Recovery resets every host into a new epoch. Frames keep their sender's
         # epoch in the sender field; a host drops frames of any other epoch, so nothing sent
@@ -367,11 +369,15 @@ class Host:
         if self.core.tracer.enabled:
             self.core.tracer.instant("send", to=to, type=type(msg).__name__)
         # Private: the core may change the tensor (an update) before the frame is read or written out.
-        frame = codec.copy_message(msg) if self.objects else codec.encode_frame(msg).private()
+        frame = codec.copy_message(msg) if self.objects else codec.encode_frame(msg, self.device_buffers).private()
         if to == self.name:
             self.accept(self.sender, seq, frame)
         else:
             self._send(to, self.sender, seq, frame)
+
+    def inject(self, msg: m.Message) -> None:
+        """Hand the core a message of the transport's own making (a data plane's Abort), as the caller's."""
+        self._inbox.put_nowait((msg, None, CALLER))
 
     def describe_missing(self) -> list[str]:
         """What the core still waits for; read from the loop thread, tolerant of races."""

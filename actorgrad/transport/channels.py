@@ -25,7 +25,11 @@ tensors are then built without a copy:
 
 - ``MSG``: one message from ``sender`` with its per-channel ``seq``;
   ``token`` is None for one-way messages, or a number the reply will carry;
-- ``REPLY``: the encoded reply to the request with that ``token``.
+- ``REPLY``: the encoded reply to the request with that ``token``;
+- ``OOB``: a peer message whose large tensors travel out of band over the data
+  plane (dataplane.py): the data is a small descriptor, then the encoded
+  message with those buffers left empty. Only a server given an ``oob`` hook
+  takes it; it is refused (and the connection closed) otherwise.
 
 Each ordered pair of endpoints uses one stream, so frames arrive in order;
 the Host still checks ``seq``. Nothing here knows about Ray or message types.
@@ -34,6 +38,7 @@ the Host still checks ``seq``. Nothing here knows about Ray or message types.
 from __future__ import annotations
 
 import asyncio
+import collections
 import hashlib
 import hmac
 import logging
@@ -58,6 +63,7 @@ Data = Union[Frame, bytes, bytearray, memoryview]
 
 MSG = 0
 REPLY = 1
+OOB = 2
 _HEADER = struct.Struct("!II")
 MAX_ENVELOPE = 1 << 12  # [kind, sender, seq, token]: a name and three numbers
 # Largest frame a channel accepts by default (ACTORGRAD_MAX_FRAME_BYTES to change): big enough for the
@@ -86,6 +92,11 @@ class ChannelConfig:
     max_connections: int = DEFAULT_MAX_CONNECTIONS
     max_handshakes: int = DEFAULT_MAX_HANDSHAKES
     handshake_seconds: float = HANDSHAKE_SECONDS
+    # The tensor data plane beside the channels (dataplane.py): "auto", "channel", "gloo" or "nccl",
+    # and how long one transfer (or a pair's group set-up) may take before it fails its step.
+    data_plane: str = "channel"
+    data_plane_timeout: float = 60.0
+    data_plane_min_bytes: int = 64 * 1024  # forced gloo/nccl: tensors from this size on
 
     @classmethod
     def create(cls) -> "ChannelConfig":
@@ -97,7 +108,8 @@ class ChannelConfig:
         )
 
     def __repr__(self) -> str:  # never print the secret
-        return f"ChannelConfig(max_frame={self.max_frame}, max_connections={self.max_connections})"
+        return (f"ChannelConfig(max_frame={self.max_frame}, max_connections={self.max_connections}, "
+                f"data_plane={self.data_plane!r})")
 
 
 def _env_int(name: str, default: int) -> int:
@@ -143,13 +155,58 @@ class RateLimitedLog:
 _rlog = RateLimitedLog(log)
 
 
-def pack_frame(kind: int, sender: Optional[str], seq: int, token: Optional[int], data: Data) -> list:
-    """One frame as buffers to write one after the other (``writelines``); ``data`` is bytes or a Frame."""
+def pack_frame(kind: int, sender: Optional[str], seq: int, token: Optional[int], data: Union[Data, list]) -> list:
+    """One frame as buffers to write one after the other (``writelines``); ``data`` is bytes, a Frame, or a
+    list of byte buffers written one after the other."""
     env = msgpack.packb([kind, sender, seq, token], use_bin_type=True)
-    if isinstance(data, Frame):
-        parts = data.parts()
+    if isinstance(data, (Frame, list)):
+        parts = data.parts() if isinstance(data, Frame) else data
         return [_HEADER.pack(len(env), sum(map(len, parts))), env, *parts]
     return [_HEADER.pack(len(env), len(data)), env, data]
+
+
+# A stream's buffer pauses reading from the socket at twice this: asyncio's default (64 KiB) made a large
+# frame arrive 128 KiB per turn of the loop, which cost 200 ms for 32 MiB on one node (bench/dataplane.md).
+STREAM_LIMIT = 4 << 20
+
+
+# Frames larger than this are written in slices of this size, each once the socket took the last: asyncio's
+# transport (Python 3.11) keeps what the socket did not take in one bytearray and deletes each sent prefix
+# from its front, which copies the rest every time: quadratic in the frame (400 ms for 64 MiB on one node).
+WRITE_SLICE = 1 << 20
+
+
+class FrameWriter:
+    """Writes frames to a stream in order: small ones at once, large ones slice by slice (see WRITE_SLICE)."""
+
+    def __init__(self, writer: asyncio.StreamWriter, on_error: Callable[[str], None]) -> None:
+        self.writer = writer
+        self._on_error = on_error
+        self._backlog: collections.deque = collections.deque()
+        self._task: Optional[asyncio.Task] = None
+
+    def write(self, frame: list) -> None:
+        """Queue one frame's parts (on the loop thread); frames leave in the order written."""
+        if self.writer.is_closing():
+            return
+        if not self._backlog and sum(map(len, frame)) <= WRITE_SLICE:
+            self.writer.writelines(frame)
+            return
+        self._backlog.append(frame)
+        if self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(self._drain_backlog())
+
+    async def _drain_backlog(self) -> None:
+        try:
+            while self._backlog:
+                for part in self._backlog.popleft():
+                    view = memoryview(part).cast("B")
+                    for i in range(0, len(view), WRITE_SLICE):
+                        self.writer.write(view[i:i + WRITE_SLICE])
+                        await self.writer.drain()
+        except (ConnectionError, RuntimeError) as exc:  # the connection went while a frame was on its way
+            self._backlog.clear()
+            self._on_error(f"the connection broke while writing: {exc!r}")
 
 
 async def _read_owned(reader: asyncio.StreamReader, n: int) -> Optional[bytearray]:
@@ -194,7 +251,7 @@ async def read_frame(reader: asyncio.StreamReader, max_frame: int = DEFAULT_MAX_
     ok = (
         isinstance(fields, list)
         and len(fields) == 4
-        and fields[0] in (MSG, REPLY)
+        and fields[0] in (MSG, REPLY, OOB)
         and (fields[1] is None or isinstance(fields[1], str))
         and isinstance(fields[2], int)
         and (fields[3] is None or isinstance(fields[3], int))
@@ -302,8 +359,9 @@ class ChannelServer:
     """Accepts frames for one Host on a private Unix socket and a TCP port, from authenticated peers only."""
 
     def __init__(self, accept: AcceptFn, tag: str, host_ip: str, config: ChannelConfig,
-                 gone: Optional[GoneFn] = None) -> None:
+                 gone: Optional[GoneFn] = None, oob: Optional[AcceptFn] = None) -> None:
         self._accept = accept
+        self._oob = oob  # takes OOB frames (sender, seq, data, None); without it they are refused
         self._gone = gone
         self._tag = tag
         self._host_ip = host_ip
@@ -318,10 +376,10 @@ class ChannelServer:
     async def start(self, node_id: str) -> dict[str, Any]:
         """Start listening; return the address peers connect to."""
         self._dir, path = _private_unix_path(self._tag)
-        self._servers.append(await asyncio.start_unix_server(self._serve, path=path))
+        self._servers.append(await asyncio.start_unix_server(self._serve, path=path, limit=STREAM_LIMIT))
         os.chmod(path, 0o600)
         # The node's own address only: not every interface of the machine.
-        tcp = await asyncio.start_server(self._serve, host=self._host_ip, port=0)
+        tcp = await asyncio.start_server(self._serve, host=self._host_ip, port=0, limit=STREAM_LIMIT)
         self._servers.append(tcp)
         port = tcp.sockets[0].getsockname()[1]
         self.address = {"node": node_id, "unix": path, "host": self._host_ip, "port": port}
@@ -371,10 +429,11 @@ class ChannelServer:
 
     async def _frames(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, identity: str,
                       senders: set[str]) -> None:
+        out = FrameWriter(writer, lambda why: log.warning("reply to %s not sent: %s", identity, why))
+
         def replier(token: int) -> Callable[[Data], None]:
             def reply(data: Data) -> None:
-                if not writer.is_closing():
-                    writer.writelines(pack_frame(REPLY, None, 0, token, data))
+                out.write(pack_frame(REPLY, None, 0, token, data))
 
             return reply
 
@@ -388,6 +447,14 @@ class ChannelServer:
             if fields is None:
                 return
             kind, sender, seq, token, data = fields
+            if kind == OOB and self._oob is not None and token is None and sender is not None \
+                    and speaks_for(identity, sender):
+                senders.add(sender)
+                if self._oob(sender, seq, data, None) is False:
+                    self.stats.refused_frames += 1
+                    self._refuse("oob", "closing %s's channel, which sent a bad data-plane frame", identity)
+                    return
+                continue
             if kind != MSG or sender is None or not speaks_for(identity, sender):
                 self.stats.refused_frames += 1
                 self._refuse("spoof", "closing %s's channel, which sent a frame as %r (kind %s)", identity,
@@ -429,6 +496,7 @@ class Channel:
         self._on_reply = on_reply
         self._on_lost = on_lost
         self._writer: Optional[asyncio.StreamWriter] = None
+        self._out: Optional[FrameWriter] = None
         self._queue: list[list] = []
         self.failed: Optional[str] = None
         self._task = loop.create_task(self._connect())
@@ -437,8 +505,8 @@ class Channel:
         """Write a frame (on the loop thread), or queue it until connected."""
         if self.failed is not None:
             return
-        if self._writer is not None:
-            self._writer.writelines(frame)
+        if self._out is not None:
+            self._out.write(frame)
         else:
             self._queue.append(frame)
 
@@ -446,9 +514,9 @@ class Channel:
         try:
             addr = await self._resolve()
             if addr.get("node") == self._my_node and addr.get("unix"):
-                reader, writer = await asyncio.open_unix_connection(addr["unix"])
+                reader, writer = await asyncio.open_unix_connection(addr["unix"], limit=STREAM_LIMIT)
             else:
-                reader, writer = await asyncio.open_connection(addr["host"], addr["port"])
+                reader, writer = await asyncio.open_connection(addr["host"], addr["port"], limit=STREAM_LIMIT)
         except Exception as exc:
             self._lost(f"could not connect: {exc!r}")
             return
@@ -461,8 +529,9 @@ class Channel:
             return
         _nodelay(writer)
         self._writer = writer
+        self._out = FrameWriter(writer, self._lost)
         for frame in self._queue:
-            writer.writelines(frame)
+            self._out.write(frame)
         self._queue.clear()
         await self._read_replies(reader)
 

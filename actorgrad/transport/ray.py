@@ -7,7 +7,9 @@ connection per worker on an IO thread; a connection that drops fails every
 request waiting on it with WorkerDied. With ``channels=False`` (or when a
 channel cannot be opened) messages go as fire-and-forget actor calls
 (``deliver``) and requests as actor calls instead, each frame as one bytes
-object (``Frame.to_bytes``). This is the only module that imports Ray.
+object (``Frame.to_bytes``). Large tensors of peer messages may travel beside their
+envelope over the data plane (dataplane.py, ``ag.init(data_plane=...)``).
+This is the only module that imports Ray.
 """
 
 from __future__ import annotations
@@ -30,10 +32,12 @@ import ray.exceptions
 from .. import errors as E
 from .. import pickling
 from ..core import codec
+from ..core import messages as m
 from ..core.worker import WorkerCore, WorkerSpec
 from . import death
-from .base import CALLER, Capabilities, Data, Host, Outbound, ReplyFn, epoch_of, sender_key
-from .channels import MSG, Channel, ChannelConfig, ChannelServer, pack_frame
+from .base import CALLER, Capabilities, Data, Host, Outbound, ReplyFn, epoch_of, name_of, sender_key
+from .channels import MSG, OOB, Channel, ChannelConfig, ChannelServer, pack_frame
+from .dataplane import DataPlane, check_mode, min_bytes_from_env
 from .startup import worker_process_setup
 
 log = logging.getLogger("actorgrad.transport.ray")
@@ -72,10 +76,14 @@ class RayHost:
         self._epoch = epoch
         # The runtime's channel secret and limits, handed over by Ray (authenticated); None: Ray calls only.
         self._config = channel_config
+        self._dataplane: Optional[DataPlane] = None  # made with the channel server (needs the loop)
 
     def _ensure_host(self) -> Host:
         if self._host is None:
             self._host = Host(self._core, self._send, asyncio.get_running_loop(), inline=True, epoch=self._epoch)
+            # CUDA tensors to peers stay on the device where NCCL may carry them (see [Note: data plane]).
+            self._host.device_buffers = (self._core.device.type == "cuda" and self._config is not None
+                                         and self._config.data_plane in ("auto", "nccl"))
         return self._host
 
     def _accept(self, sender: str, seq: int, data: Data, reply: Optional[ReplyFn] = None) -> bool:
@@ -92,6 +100,8 @@ class RayHost:
             self._host = None
         self._core.reset()
         self._epoch = epoch
+        if self._dataplane is not None:
+            self._dataplane.reset()  # its peers may be new processes: every group is made anew
         channels, self._channels = list(self._channels.values()), {}
         await asyncio.gather(*(ch.closed() for ch in channels), return_exceptions=True)
         self._ensure_host()
@@ -103,14 +113,39 @@ class RayHost:
         if self._server is None:
             if self._config is None:
                 raise E.ConfigError("this worker was started without channels", worker=self._core.name)
-            self._server = ChannelServer(self._accept, self._core.name, ray.util.get_node_ip_address(),
-                                         self._config, gone=self._sender_gone)
+            ip = ray.util.get_node_ip_address()
+            if self._config.data_plane != "channel":
+                self._dataplane = DataPlane(self._core.name, self._config.data_plane,
+                                            self._config.data_plane_timeout, self._config.data_plane_min_bytes,
+                                            self._core.device, self._node, ip, asyncio.get_running_loop(),
+                                            self._dataplane_failed, max_bytes=self._config.max_frame)
+            self._server = ChannelServer(self._accept, self._core.name, ip, self._config, gone=self._sender_gone,
+                                         oob=self._accept_oob if self._dataplane is not None else None)
             self._server_started = asyncio.ensure_future(self._server.start(self._node))
         # Peers and the caller may ask at the same time: all wait for the one start.
-        return await asyncio.shield(self._server_started)
+        addr = await asyncio.shield(self._server_started)
+        # Who we are, for a peer's data plane choice (same process? both on CUDA?).
+        return {**addr, "pid": os.getpid(), "device": str(self._core.device)}
 
     async def _peer_address(self, to: str) -> dict:
-        return await self._peer(to).address.remote()
+        addr = await self._peer(to).address.remote()
+        if self._dataplane is not None:
+            self._dataplane.peers[to] = {k: addr.get(k) for k in ("node", "pid", "device")}
+        return addr
+
+    def _accept_oob(self, sender: str, seq: int, data: bytearray, reply: Optional[ReplyFn] = None) -> bool:
+        """A peer message whose large tensors come over the data plane: delivered once they have."""
+        if self._dataplane is None:
+            return False
+        if epoch_of(sender) != self._epoch:
+            log.debug("%s: data-plane frame of another epoch from %s dropped", self._core.name, sender)
+            return True
+        return self._dataplane.incoming(sender, name_of(sender), data, lambda frame: self._accept(sender, seq, frame))
+
+    def _dataplane_failed(self, step: Optional[int], text: str) -> None:
+        """A transfer of ``step`` failed here: fail the step on this worker, naming it (the caller aborts it)."""
+        if step is not None and self._host is not None:
+            self._host.inject(m.Abort(step, text))
 
     def _peer(self, to: str) -> Any:
         peer = self._peers.get(to)
@@ -128,7 +163,11 @@ class RayHost:
                              self._config, identity=self._core.name)
                 self._channels[to] = ch
             if ch.failed is None:
-                ch.send(pack_frame(MSG, sender, seq, None, frame))
+                parts = self._dataplane.outgoing(to, frame) if self._dataplane is not None else None
+                if parts is not None:
+                    ch.send(pack_frame(OOB, sender, seq, None, parts))
+                else:
+                    ch.send(pack_frame(MSG, sender, seq, None, frame))
                 return
             log.warning("%s: channel to %s failed (%s); using a Ray call", sender, to, ch.failed)
         peer = self._peers.get(to)
@@ -176,6 +215,8 @@ class RayHost:
     async def stop(self) -> None:
         """Stop the host loop cleanly before the process is killed."""
         await asyncio.gather(*(ch.closed() for ch in self._channels.values()), return_exceptions=True)
+        if self._dataplane is not None:
+            self._dataplane.close()
         if self._server is not None:
             self._server.close()
         if self._host is not None:
@@ -403,8 +444,10 @@ class RayTransport:
     capabilities = Capabilities(places_gpus=True, placement_groups=True, restarts_workers=True)
 
     def __init__(self, address: Optional[str] = None, channels: Optional[bool] = None,
-                 workers_per_process: int = 1, **ray_kwargs: Any) -> None:
+                 workers_per_process: int = 1, data_plane: str = "auto", data_plane_timeout: float = 60.0,
+                 **ray_kwargs: Any) -> None:
         self.started_ray = False
+        check_mode(data_plane)
         if channels is None:
             channels = os.environ.get("ACTORGRAD_CHANNELS", "1") != "0"
         self.channels = channels
@@ -457,6 +500,12 @@ class RayTransport:
         self.caller = CALLER  # the sender field of our frames; changes with each recovery epoch
         # One secret per runtime: only processes that got it through Ray can use the workers' channels.
         self.channel_config: Optional[ChannelConfig] = ChannelConfig.create() if channels else None
+        if self.channel_config is not None:
+            self.channel_config.data_plane = data_plane
+            self.channel_config.data_plane_timeout = float(data_plane_timeout)
+            self.channel_config.data_plane_min_bytes = min_bytes_from_env()
+        elif data_plane in ("gloo", "nccl"):
+            log.warning("data_plane=%r needs channels (ACTORGRAD_CHANNELS=0 turns them off): not used", data_plane)
         if self.channels:
             self._io = asyncio.new_event_loop()
             self._io_thread = threading.Thread(target=self._io.run_forever, name="actorgrad-io", daemon=True)
