@@ -189,11 +189,14 @@ class FrameWriter:
         """Queue one frame's parts (on the loop thread); frames leave in the order written."""
         if self.writer.is_closing():
             return
-        if not self._backlog and sum(map(len, frame)) <= WRITE_SLICE:
+        # While a large frame is on its way (its slices wait for the socket), every later frame waits too:
+        # written now, it would land in the middle of that frame.
+        busy = self._task is not None and not self._task.done()
+        if not busy and sum(memoryview(p).nbytes for p in frame) <= WRITE_SLICE:
             self.writer.writelines(frame)
             return
         self._backlog.append(frame)
-        if self._task is None or self._task.done():
+        if not busy:
             self._task = asyncio.get_running_loop().create_task(self._drain_backlog())
 
     async def _drain_backlog(self) -> None:
