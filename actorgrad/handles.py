@@ -417,7 +417,8 @@ class StepReport:
 
     def __str__(self) -> str:
         head = (f"step {self.step}: {self.passes} pass{'es' if self.passes != 1 else ''}, "
-                f"{len(self.updated)}/{len(self.workers)} workers updated, {self.seconds * 1000:.1f} ms")
+                f"{len(self.updated)}/{len(self.workers)} workers updated, {self.seconds * 1000:.1f} ms, "
+                f"{self.messages} messages, {self.replies} replies")
         if not self.workers:
             return head
         cols = ["worker", "calls", "passes", "updates", "grad_norm", "clipped", "update_norm", "lr", "staleness"]
