@@ -207,8 +207,9 @@ class FrameWriter:
                     for i in range(0, len(view), WRITE_SLICE):
                         self.writer.write(view[i:i + WRITE_SLICE])
                         await self.writer.drain()
-        except (ConnectionError, RuntimeError) as exc:  # the connection went while a frame was on its way
+        except Exception as exc:  # the connection went while a frame was on its way (or a part was unwritable)
             self._backlog.clear()
+            self.writer.transport.abort()  # the stream is cut inside a frame: the peer must not read on
             self._on_error(f"the connection broke while writing: {exc!r}")
 
 
