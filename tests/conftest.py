@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -36,6 +38,31 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_bench_module(module: str, out: Path, *extra: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run `python -m <module> --tiny --out <out> [extra...]` from the repository root and assert it succeeds.
+
+    The repository root is put on PYTHONPATH so `bench` imports. On a non-zero exit the
+    assertion shows the command, the exit status and the tail of stdout and stderr; a run
+    past `timeout` seconds fails with the output it had produced so far.
+    """
+    cmd = [sys.executable, "-m", module, "--tiny", "--out", str(out), *extra]
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    try:
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as e:
+        def text(b):
+            return (b.decode(errors="replace") if isinstance(b, bytes) else b or "")[-3000:]
+
+        raise AssertionError(f"{' '.join(cmd)} ran past {timeout:g}s\n--- stdout ---\n{text(e.stdout)}"
+                             f"\n--- stderr ---\n{text(e.stderr)}") from None
+    assert proc.returncode == 0, (f"{' '.join(cmd)} exited with {proc.returncode}\n--- stdout ---\n"
+                                  f"{proc.stdout[-3000:]}\n--- stderr ---\n{proc.stderr[-3000:]}")
+    return proc
 
 
 def _process_gone(pid: int) -> bool:

@@ -2,19 +2,12 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import run_bench_module
 
 
 def test_bench_runs_end_to_end_in_a_tiny_size(tmp_path):
     out = tmp_path / "results.md"
-    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run([sys.executable, "-m", "bench.bench", "--tiny", "--out", str(out)], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run_bench_module("bench.bench", out)
     table = out.read_text()
     for runner in ("plain, 1 thread", "plain, default threads", "torch.distributed.rpc", "actorgrad local",
                    "actorgrad ray, synchronous", "actorgrad ray, pipelined", "passes together",

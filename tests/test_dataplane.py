@@ -19,7 +19,7 @@ from actorgrad import errors as E
 from actorgrad.core import codec
 from actorgrad.core import messages as m
 from actorgrad.transport import dataplane as dp
-from conftest import kill_worker
+from conftest import kill_worker, run_bench_module
 from test_exact import Mix2
 
 D = 16
@@ -411,15 +411,8 @@ def test_cuda_workers_train_exactly_over_nccl(ray_session, monkeypatch):
 
 
 def test_bench_dataplane_runs_end_to_end_in_a_tiny_size(tmp_path):
-    import subprocess
-    import sys
-
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     out = tmp_path / "dataplane.md"
-    env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run([sys.executable, "-m", "bench.dataplane", "--tiny", "--out", str(out)], cwd=root, env=env,
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run_bench_module("bench.dataplane", out)
     table = out.read_text()
     for row in ("data_plane='channel'", "data_plane='gloo'", "data_plane='auto'", "| 8 KiB |", "gloo / channel"):
         assert row in table, row

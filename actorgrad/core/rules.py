@@ -118,6 +118,15 @@ class Updater:
         """Forget every step's metrics (recovery: step ids are used again after the rewind)."""
         self.records: dict[int, StepMetrics] = {}
         self.last_closed: Optional[int] = None
+        self._preview = None
+
+    def forget(self, grads: Grads) -> None:
+        """``grads`` were discarded unapplied (an aborted step): drop the preview memo if it holds any of them."""
+        memo = self._preview
+        if memo is not None and grads:
+            dropped = {id(g) for g in grads.values()}
+            if any(id(entry[1]) in dropped for entry in memo[0]):  # ids of live tensors: no reuse yet
+                self._preview = None
 
     def scheduler_state(self) -> Optional[dict[str, Any]]:
         """The LR scheduler's state_dict, checked to be plain values that a checkpoint can hold."""
@@ -320,10 +329,15 @@ class UpdateContext:
 
 @dataclass
 class PendingGrads:
-    """Gradients a worker has computed but not applied, per step, and the passes they came from."""
+    """Gradients a worker has computed but not applied, per step, and the passes they came from.
+
+    ``on_pop`` is told the gradients ``pop`` removes (the Updater's ``forget``: a step ended,
+    committed or aborted, must not leave its gradients held by the preview memo).
+    """
 
     by_step: dict[int, Grads] = field(default_factory=dict)
     passes: dict[int, list[int]] = field(default_factory=dict)
+    on_pop: Optional[Callable[[Grads], None]] = field(default=None, repr=False)
 
     def for_step(self, step: int) -> Grads:
         """The pending gradients of ``step`` (created empty)."""
@@ -342,7 +356,10 @@ class PendingGrads:
     def pop(self, step: int) -> Grads:
         """Remove and return the pending gradients of ``step``."""
         self.passes.pop(step, None)
-        return self.by_step.pop(step, {})
+        grads = self.by_step.pop(step, {})
+        if grads and self.on_pop is not None:
+            self.on_pop(grads)
+        return grads
 
 
 class Rule:

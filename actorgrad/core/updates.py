@@ -35,7 +35,9 @@ class Updates:
 
     def reset(self) -> None:
         """Forget every step's pending gradients and metrics (recovery)."""
-        self.pending = PendingGrads()
+        # An aborted step's gradients are freed by popping them (the worker's _drop_step): the updater
+        # lets go of them too (its preview memo of the step's Close report holds them).
+        self.pending = PendingGrads(on_pop=self.updater.forget)
         self.commit_error: Optional[E.ActorgradError] = None
         self.updater.reset()
 

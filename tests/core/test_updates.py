@@ -89,3 +89,42 @@ def test_a_factory_must_return_a_rule():
             make_rule("test-bad")
     finally:
         del UPDATE_RULES["test-bad"]
+
+
+def test_discarding_a_steps_gradients_lets_the_preview_memo_go():
+    """The Close report previews the gradient norm (memoized on the gradient tensors); an aborted step's
+    gradients are popped unapplied, and the memo must not keep them alive until the next preview."""
+    import gc
+    import weakref
+
+    mod, u = updates("step")
+    u.pass_done(1, 100, grads(mod, 3.0))
+    pending, _, _, metrics = u.ready_report(1)
+    assert pending and metrics["grad_norm"] == pytest.approx(3.0 * 3 ** 0.5)  # weight (1x2) and bias (1)
+    assert u.updater._preview is not None  # the memo holds step 1's gradients
+    refs = [weakref.ref(g) for g in u.pending.by_step[1].values()]
+    u.pending.pop(1)  # what the worker's abort does (WorkerCore._drop_step)
+    assert u.updater._preview is None
+    gc.collect()
+    assert all(r() is None for r in refs)
+
+
+def test_discarding_another_steps_gradients_keeps_the_preview_memo():
+    mod, u = updates("step")
+    u.pass_done(1, 100, grads(mod, 1.0))
+    u.pass_done(2, 101, grads(mod, 2.0))
+    u.ready_report(2)
+    memo = u.updater._preview
+    assert memo is not None
+    u.pending.pop(1)  # step 1 aborted: step 2's preview stays
+    assert u.updater._preview is memo
+    assert u.commit(2) and u.updater._preview is None  # applied: let go as before
+
+
+def test_recovery_reset_drops_the_preview_memo():
+    mod, u = updates("step")
+    u.pass_done(1, 100, grads(mod))
+    u.ready_report(1)
+    assert u.updater._preview is not None
+    u.reset()
+    assert u.updater._preview is None

@@ -177,6 +177,26 @@ def test_abort_drops_the_step_and_applies_nothing():
         failures(core.handle(m.Close(4, 1, (), (), ())))[4], E.StepAborted)
 
 
+def test_abort_after_the_close_report_frees_the_previewed_gradients():
+    """Close previews the update's gradient norm (a memo keyed by the gradient tensors); an Abort
+    before Commit must free those gradients, not leave them held by the memo."""
+    import gc
+    import weakref
+
+    core, ref = linear_core()
+    core.handle(m.Forward(1, 10, 1, [torch.randn(4, 3)], {}, (), True))
+    core.handle(m.Plan(2, 100, 1, (m.Expect(10, 0, ((m.SEED, 0),)),), (m.SeedGrad(10, 0, 0, torch.ones(4, 2)),)))
+    report = acks(core.handle(m.Close(3, 1, (10,), (100,), ())))[3]
+    assert isinstance(report, m.CloseReady) and report.metrics["grad_norm"] > 0
+    assert core.updates.updater._preview is not None
+    refs = [weakref.ref(g) for g in core.pending.by_step[1].values()]
+    core.handle(m.Abort(1, "another worker failed"))
+    assert core.pending.by_step == {} and core.updates.updater._preview is None
+    gc.collect()
+    assert refs and all(r() is None for r in refs)
+    torch.testing.assert_close(core.module.weight, ref.weight)
+
+
 def test_pass_rule_applies_after_each_pass_and_keeps_forward_weights_for_later_passes():
     core, ref = linear_core(update="pass")
     x = torch.randn(4, 3)
