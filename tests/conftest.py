@@ -17,6 +17,7 @@ import pytest
 import torch
 
 import actorgrad as ag
+from actorgrad.transport.ray import POOL_ENV
 
 BACKENDS = ["local", "ray"]
 
@@ -137,6 +138,10 @@ def backend(request):
     """The backend name; a runtime on it is running for the duration of the test."""
     if request.param == "ray":
         request.getfixturevalue("ray_session")()
+        # Tests of both backends check what the workers compute, not how their processes start: they
+        # take plain workers' processes from a pool the session's runtimes share (transport/ray.py,
+        # [Note: process pool]); tests of start-up, death and recovery start their own, as users do.
+        request.getfixturevalue("monkeypatch").setenv(POOL_ENV, "1")
     ag.init(backend=request.param, timeout=60)
     torch.manual_seed(0)
     yield request.param

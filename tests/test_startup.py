@@ -143,3 +143,60 @@ def test_bench_scale_runs_in_a_tiny_size(tmp_path):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     text = out.read_text()
     assert "| chain | 2 |" in text and "| fan | 2 |" in text
+
+
+def _train_chain(n: int, seed: int, steps: int = 2) -> tuple[list, list]:
+    """Spawn an n-worker Linear chain and an MSE worker, train it beside plain PyTorch; return (workers, pids)."""
+    torch.manual_seed(seed)
+    mods = [torch.nn.Linear(4, 4) for _ in range(n)]
+    ref = [torch.nn.Linear(4, 4) for _ in range(n)]
+    for m, r in zip(mods, ref):
+        r.load_state_dict(m.state_dict())
+    ws = [ag.spawn(m, name=f"w{i}", optimizer=ag.Optim(torch.optim.SGD, lr=0.1)) for i, m in enumerate(mods)]
+    mse = ag.spawn(torch.nn.MSELoss(), name="mse")
+    ropt = torch.optim.SGD([p for r in ref for p in r.parameters()], lr=0.1)
+    for _ in range(steps):
+        x, y = torch.randn(3, 4), torch.randn(3, 4)
+        h, want = x, x
+        for w, r in zip(ws, ref):
+            h, want = w(h), r(want)
+        mse(h, y).backward()
+        ag.step()
+        ropt.zero_grad()
+        torch.nn.functional.mse_loss(want, y).backward()
+        ropt.step()
+    for w, r in zip(ws, ref):
+        for k, v in w.state_dict().items():
+            torch.testing.assert_close(v, r.state_dict()[k], atol=1e-6, rtol=1e-6)
+    transport = ag.api._current().transport
+    return ws, [transport.identity(w.name)["pid"] for w in ws + [mse]]
+
+
+def test_pooled_processes_serve_the_next_runtime_exactly_and_a_killed_one_is_not_reused(ray_session, monkeypatch):
+    from actorgrad.transport.ray import POOL_ENV
+
+    ray_session()
+    monkeypatch.setenv(POOL_ENV, "1")
+    ag.init(backend="ray", timeout=60)
+    try:
+        ws, first = _train_chain(2, seed=0)
+        assert len(set(first)) == 3  # still one process per worker
+        ag.api._current().transport.kill("w1")  # a killed worker's process never goes back to the pool
+    finally:
+        ag.shutdown()
+    ag.init(backend="ray", timeout=60)
+    try:
+        # Same worker names, other weights, a new channel secret: the survivors serve it, exactly.
+        _, second = _train_chain(3, seed=1)
+        assert len(set(second)) == 4
+        reused = set(second) & set(first)
+        assert reused == {first[0], first[2]}, (first, second)
+    finally:
+        ag.shutdown()
+    monkeypatch.delenv(POOL_ENV)
+    ag.init(backend="ray", timeout=60)
+    try:
+        _, third = _train_chain(1, seed=2, steps=1)
+        assert not set(third) & set(second)  # off (the default): processes of its own
+    finally:
+        ag.shutdown()

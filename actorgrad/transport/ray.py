@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures as cf
+import gc
 import itertools
 import logging
 import os
@@ -237,6 +238,62 @@ _MEMBER_METHODS = frozenset({"address", "deliver", "request", "channel_stats", "
 # Ray's internal KV: worker name -> the shared process (actor name) that hosts it, for peers' lookups.
 _KV_NAMESPACE = "actorgrad"
 
+# [Note: process pool]
+# Starting a worker process costs seconds of CPU (the interpreter, Ray, torch: about 4.6 s on a
+# 2-core machine), which a run of a few steps, a sweep that calls ag.init/ag.shutdown per trial,
+# or a test suite pays again for every worker. With ACTORGRAD_REUSE_PROCESSES=1, a runtime that
+# joined a Ray instance it did not start hosts each plain worker (no CPUs, GPUs, resources,
+# placement group, restarts or replicas asked for) as the only member of a RayProcess from a pool;
+# ag.shutdown() removes the worker and hands the empty process back to the pool, and the next
+# runtime of the same driver and Ray session takes it (rebind: its namespace and channel secret)
+# instead of starting one. A process that does not answer rebind in time is killed and replaced.
+# What a process keeps between runtimes is what any Python process keeps (imported modules,
+# torch's global settings); a worker's own state (module, optimizer, channels, data plane) goes
+# with it. Off by default: idle processes hold memory until the driver exits.
+POOL_ENV = "ACTORGRAD_REUSE_PROCESSES"
+_POOL_NAMESPACE = "actorgrad-pool"
+_POOL_MAX = 16
+_POOL_REBIND_TIMEOUT = 5.0
+_pool: dict[str, list[tuple[str, Any]]] = {}  # Ray session and job -> idle processes (name, handle)
+_pool_lock = threading.Lock()
+
+
+def _pool_key() -> str:
+    ctx = ray.get_runtime_context()
+    return f"{ctx.get_session_name()}/{ctx.get_job_id()}"
+
+
+def _take_pooled(namespace: str, config: Optional[ChannelConfig]) -> Optional[tuple[str, Any]]:
+    """An idle pooled process rebound to this runtime, or None when the pool has none that answers."""
+    key = _pool_key()
+    while True:
+        with _pool_lock:
+            for k in [k for k in _pool if k != key]:  # another Ray session's handles are dead
+                del _pool[k]
+            idle = _pool.get(key)
+            if not idle:
+                return None
+            name, handle = idle.pop()
+        try:
+            ray.get(handle.rebind.remote(namespace, config), timeout=_POOL_REBIND_TIMEOUT)
+            return name, handle
+        except Exception as exc:  # dead, or stuck in a former worker's compute: never reused
+            log.debug("pooled process %s not reused: %r", name, exc)
+            try:
+                ray.kill(handle, no_restart=True)
+            except Exception:
+                pass
+
+
+def _give_back(name: str, handle: Any) -> bool:
+    """Put an emptied process into the pool; False when the pool is full (the caller kills it)."""
+    with _pool_lock:
+        idle = _pool.setdefault(_pool_key(), [])
+        if len(idle) >= _POOL_MAX:
+            return False
+        idle.append((name, handle))
+        return True
+
 
 class RayProcess:
     """The actor of a shared process (``ag.init(workers_per_process=k)``): several RayHosts in one process.
@@ -284,6 +341,20 @@ class RayProcess:
         """Who hosts the worker (as ``_identity``), once it has started; its start-up error otherwise."""
         await self._slot(worker)
         return _identity(self)
+
+    async def rebind(self, namespace: str, channel_config: Optional[ChannelConfig]) -> int:
+        """Serve another runtime from now on (a pooled process, see [Note: process pool]); returns the pid.
+
+        Only an empty process is handed on: its workers were removed when their runtime shut down.
+        """
+        live = [w for w, f in self._hosts.items() if not f.done() or f.exception() is None]
+        if live:
+            raise E.ConfigError(f"a pooled process still hosts {live}", worker=live[0])
+        self._hosts.clear()
+        self._namespace = namespace
+        self._config = channel_config
+        gc.collect()  # what the last runtime's workers left in reference cycles goes before the next one
+        return os.getpid()
 
     async def remove(self, worker: str) -> int:
         """Stop one worker of this process; returns how many remain."""
@@ -335,7 +406,9 @@ def _lookup(worker: str, namespace: str) -> Any:
         where = internal_kv._internal_kv_get(f"{namespace}/{worker}", namespace=_KV_NAMESPACE)
         if where is None:
             raise
-        return Member(ray.get_actor(where.decode(), namespace=namespace), worker)
+        # "name", or "namespace/name" for a pooled process (it lives in the pool's namespace).
+        home, _, name = where.decode().rpartition("/")
+        return Member(ray.get_actor(name, namespace=home or namespace), worker)
 
 
 def _identity(_host: Any) -> dict:
@@ -457,6 +530,7 @@ class RayTransport:
         self.workers_per_process = workers_per_process
         self._process: Optional[tuple[str, Any, list[str]]] = None  # the one being filled: name, handle, members
         self._members: dict[str, str] = {}  # worker -> the shared process that hosts it
+        self._pooled: dict[str, tuple[str, Any]] = {}  # worker -> its pooled process (see [Note: process pool])
         if not ray.is_initialized():
             kwargs: dict[str, Any] = {"logging_level": logging.WARNING}
             if address is None and not os.environ.get("RAY_ADDRESS"):
@@ -477,6 +551,8 @@ class RayTransport:
             ray.init(address=address, **kwargs)
             self.started_ray = True
         self.namespace = f"actorgrad-{uuid.uuid4().hex[:8]}"
+        # An instance we started goes with ag.shutdown(): nothing to keep processes for.
+        self.reuse = os.environ.get(POOL_ENV, "0") == "1" and not self.started_ray
         self._actors: dict[str, Any] = {}
         self._groups: list[Any] = []
         self._node = ray.get_runtime_context().get_node_id()
@@ -572,6 +648,8 @@ class RayTransport:
         try:
             if self._shares(options):
                 actor = self._spawn_member(spec, opts)
+            elif self._poolable(options):
+                actor = self._spawn_pooled(spec)
             else:
                 actor = ray.remote(RayHost).options(**opts).remote(self._spec_arg(spec, opts), self.namespace,
                                                                    epoch_of(self.caller),
@@ -597,6 +675,32 @@ class RayTransport:
         return self.workers_per_process > 1 and not any(
             options.get(k) for k in ("num_cpus", "num_gpus", "resources", "placement_group", "max_restarts",
                                      "replicas"))
+
+    def _poolable(self, options: dict[str, Any]) -> bool:
+        """Whether this worker runs in a pooled process (see [Note: process pool]): plain CPU workers only."""
+        return self.reuse and self.workers_per_process == 1 and not any(
+            options.get(k) for k in ("num_cpus", "num_gpus", "resources", "placement_group", "max_restarts",
+                                     "replicas"))
+
+    def _spawn_pooled(self, spec: WorkerSpec) -> Member:
+        """Start the worker as the only member of a process from the pool (a new one if it has none)."""
+        from ray import cloudpickle
+        from ray.experimental import internal_kv
+
+        data = cloudpickle.dumps(spec)  # unpickled inside RayProcess.add: a failure there names the worker
+        taken = _take_pooled(self.namespace, self.channel_config)
+        if taken is None:
+            name = f"actorgrad-process-{uuid.uuid4().hex[:8]}"
+            handle = ray.remote(RayProcess).options(
+                name=name, namespace=_POOL_NAMESPACE, num_cpus=0, max_concurrency=_MAX_CONCURRENCY,
+                max_restarts=0, max_task_retries=0).remote(self.namespace, self.channel_config)
+            taken = (name, handle)
+        name, handle = taken
+        internal_kv._internal_kv_put(f"{self.namespace}/{spec.name}", f"{_POOL_NAMESPACE}/{name}",
+                                     namespace=_KV_NAMESPACE)
+        handle.add.remote(spec.name, data, epoch_of(self.caller))
+        self._pooled[spec.name] = taken
+        return Member(handle, spec.name)
 
     def _spawn_member(self, spec: WorkerSpec, opts: dict[str, Any]) -> Member:
         """Start the worker in the shared process being filled (a new one when it is full)."""
@@ -678,7 +782,7 @@ class RayTransport:
             return None
         exc = self._start_errors.get(worker)
         text = getattr(exc, "error_msg", None) or (str(exc) if exc is not None else "")
-        if worker in self._members:  # the shared process lives on: the error is the worker's own
+        if worker in self._members or worker in self._pooled:  # the process lives on: the error is the worker's own
             last = [ln for ln in text.strip().splitlines() if ln.strip()]
             return f"it failed while starting: {last[-1].strip() if last else type(exc).__name__}"
         why = death.describe(text) if text else None
@@ -957,7 +1061,13 @@ class RayTransport:
         if ch is not None and self._io is not None:
             asyncio.run_coroutine_threadsafe(ch.closed(), self._io)
         actor = self._actors.pop(worker, None)
-        if isinstance(actor, Member):
+        pooled = self._pooled.pop(worker, None)
+        if pooled is not None:
+            try:
+                ray.kill(pooled[1], no_restart=True)
+            except Exception:  # already dead
+                pass
+        elif isinstance(actor, Member):
             self._kill_member(worker, actor)
         elif actor is not None:
             try:
@@ -985,12 +1095,37 @@ class RayTransport:
         except Exception:  # the process is gone
             pass
 
+    def _retire_pooled(self) -> None:
+        """Empty every pooled process that still answers and hand it back to the pool (the rest are killed)."""
+        if not self._pooled:
+            return
+        refs = {}
+        for worker, (name, handle) in self._pooled.items():
+            try:
+                refs[handle.remove.remote(worker)] = (worker, name, handle)
+            except Exception:
+                pass
+        try:
+            done, _ = ray.wait(list(refs), num_returns=len(refs), timeout=_POOL_REBIND_TIMEOUT)
+        except Exception:
+            done = []
+        for ref in done:
+            worker, name, handle = refs[ref]
+            try:
+                left = ray.get(ref, timeout=0)
+            except Exception:  # it died: kill() below makes sure
+                continue
+            if left == 0 and _give_back(name, handle):
+                self._pooled.pop(worker, None)
+                self._actors.pop(worker, None)
+
     def close(self) -> None:
         """Stop and kill every worker; shut Ray down if this transport started it."""
         try:
             ray.wait([a.stop.remote() for a in self._actors.values()], num_returns=len(self._actors), timeout=5)
         except Exception:  # dead workers cannot stop themselves
             pass
+        self._retire_pooled()
         for name in list(self._actors):
             self.kill(name)
         if self._groups:
