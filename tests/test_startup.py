@@ -191,6 +191,12 @@ def test_pooled_processes_serve_the_next_runtime_exactly_and_a_killed_one_is_not
         assert len(set(second)) == 4
         reused = set(second) & set(first)
         assert reused == {first[0], first[2]}, (first, second)
+        # A worker that cannot start in a pooled process is named with its own error, as in its own process.
+        ag.spawn(BadStart(), name="bad")
+        with pytest.raises(E.WorkerDied) as info:
+            ag.ready(progress=False)
+        assert info.value.worker == "bad"
+        assert "could not start" in str(info.value) and "weights file missing" in str(info.value)
     finally:
         ag.shutdown()
     monkeypatch.delenv(POOL_ENV)
@@ -200,3 +206,22 @@ def test_pooled_processes_serve_the_next_runtime_exactly_and_a_killed_one_is_not
         assert not set(third) & set(second)  # off (the default): processes of its own
     finally:
         ag.shutdown()
+
+
+def test_only_plain_cpu_workers_go_to_the_process_pool():
+    from types import SimpleNamespace
+
+    from actorgrad.transport.ray import RayTransport
+
+    t = object.__new__(RayTransport)
+    t.reuse, t.workers_per_process = True, 1
+    cpu, cuda = SimpleNamespace(device=None), SimpleNamespace(device="cuda:0")
+    assert t._poolable(cpu, {}) and t._poolable(SimpleNamespace(device="cpu"), {})
+    assert not t._poolable(cuda, {})  # its process would keep the device memory torch cached
+    for option in ({"num_cpus": 1}, {"num_gpus": 1}, {"resources": {"x": 1}}, {"max_restarts": 1}, {"replicas": 2},
+                   {"placement_group": object()}):
+        assert not t._poolable(cpu, option), option
+    t.workers_per_process = 2
+    assert not t._poolable(cpu, {})
+    t.workers_per_process, t.reuse = 1, False
+    assert not t._poolable(cpu, {})

@@ -258,6 +258,11 @@ _pool: dict[str, list[tuple[str, Any]]] = {}  # Ray session and job -> idle proc
 _pool_lock = threading.Lock()
 
 
+def torch_device_type(device: Optional[str]) -> str:
+    """The type of a worker's device spec ("cpu" when none is given)."""
+    return str(device or "cpu").split(":", 1)[0]
+
+
 def _pool_key() -> str:
     ctx = ray.get_runtime_context()
     return f"{ctx.get_session_name()}/{ctx.get_job_id()}"
@@ -648,7 +653,7 @@ class RayTransport:
         try:
             if self._shares(options):
                 actor = self._spawn_member(spec, opts)
-            elif self._poolable(options):
+            elif self._poolable(spec, options):
                 actor = self._spawn_pooled(spec)
             else:
                 actor = ray.remote(RayHost).options(**opts).remote(self._spec_arg(spec, opts), self.namespace,
@@ -676,9 +681,12 @@ class RayTransport:
             options.get(k) for k in ("num_cpus", "num_gpus", "resources", "placement_group", "max_restarts",
                                      "replicas"))
 
-    def _poolable(self, options: dict[str, Any]) -> bool:
-        """Whether this worker runs in a pooled process (see [Note: process pool]): plain CPU workers only."""
-        return self.reuse and self.workers_per_process == 1 and not any(
+    def _poolable(self, spec: WorkerSpec, options: dict[str, Any]) -> bool:
+        """Whether this worker runs in a pooled process (see [Note: process pool]): plain CPU workers only.
+
+        A CUDA worker's process would keep its device memory (torch's cache) for whoever comes next.
+        """
+        return self.reuse and self.workers_per_process == 1 and torch_device_type(spec.device) == "cpu" and not any(
             options.get(k) for k in ("num_cpus", "num_gpus", "resources", "placement_group", "max_restarts",
                                      "replicas"))
 
