@@ -25,7 +25,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import actorgrad as ag  # noqa: E402
-from actorgrad.transport.ray import POOL_ENV  # noqa: E402
+from actorgrad.transport.startup import POOL_ENV  # noqa: E402
 from bench import mnist1d  # noqa: E402
 from bench.peers import make_data, make_params, run_plain, run_rpc  # noqa: E402
 

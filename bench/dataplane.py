@@ -23,7 +23,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import actorgrad as ag  # noqa: E402
-from actorgrad.transport.ray import POOL_ENV  # noqa: E402
+from actorgrad.transport.startup import POOL_ENV  # noqa: E402
 from bench.bench import LR_BY_SIZE, max_diff, median_ms, run_actorgrad  # noqa: E402
 from bench.peers import make_data, make_params, run_plain  # noqa: E402
 

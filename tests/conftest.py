@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import actorgrad as ag
-from actorgrad.transport.ray import POOL_ENV
+from actorgrad.transport.startup import POOL_ENV
 
 BACKENDS = ["local", "ray"]
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import logging
+from typing import Optional
 
 import pytest
 import torch
@@ -213,8 +214,11 @@ def test_inplace_on_input_under_no_grad(backend):
 # --- per-worker random generators -------------------------------------------------------
 
 
-def _dropout_run(backend: str, seed, steps: int = 4) -> dict[str, torch.Tensor]:
-    """A small dropout MLP over two workers, trained with a typical loop; its final parameters."""
+def _dropout_run(backend: str, seed, steps: int = 4, pids: Optional[set] = None) -> dict[str, torch.Tensor]:
+    """A small dropout MLP over two workers, trained with a typical loop; its final parameters.
+
+    ``pids``: the Ray workers' process ids are added to it.
+    """
     torch.manual_seed(0)  # the same initial parameters and data every run
     ag.init(backend=backend, timeout=60, seed=seed)
     try:
@@ -225,6 +229,9 @@ def _dropout_run(backend: str, seed, steps: int = 4) -> dict[str, torch.Tensor]:
             x, y = torch.randn(8, 6), torch.randn(8, 1)  # the caller's global generator, before the calls
             mse(b(a(x)), y).backward()
             ag.step()
+        if pids is not None:
+            transport = ag.api._current().transport
+            pids.update(transport.identity(w.name)["pid"] for w in (a, b, mse))
         return {f"{w.name}.{k}": v for w in (a, b) for k, v in w.state_dict().items()}
     finally:
         ag.shutdown()
@@ -235,14 +242,16 @@ def _same(p: dict[str, torch.Tensor], q: dict[str, torch.Tensor]) -> bool:
 
 
 def test_seeded_dropout_is_reproducible_on_both_backends(ray_session, monkeypatch):
-    from actorgrad.transport.ray import POOL_ENV
+    from actorgrad.transport.startup import POOL_ENV
 
     ray_session()
     runs = {"local": [_dropout_run("local", 123) for _ in range(3)], "ray": [_dropout_run("ray", 123)]}
     # The same seed draws the same masks in a process an earlier runtime used (its generator moved on):
     # the next two Ray runs share pooled processes (transport/ray.py, [Note: process pool]).
     monkeypatch.setenv(POOL_ENV, "1")
-    runs["ray"] += [_dropout_run("ray", 123) for _ in range(2)]
+    pids: list[set] = [set(), set()]
+    runs["ray"] += [_dropout_run("ray", 123, pids=p) for p in pids]
+    assert len(pids[1]) == 3 and pids[1] == pids[0], pids  # the third run took the second's processes
     for be, rs in runs.items():
         assert all(_same(rs[0], r) for r in rs[1:]), f"same seed, different parameters on {be}"
     assert _same(runs["local"][0], runs["ray"][0]), "same seed, different parameters across backends"

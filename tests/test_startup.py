@@ -9,12 +9,14 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
 
 import actorgrad as ag
 from actorgrad import errors as E
+from conftest import _process_gone, wait_process_gone
 from test_death_cause import SlowStart
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -173,7 +175,7 @@ def _train_chain(n: int, seed: int, steps: int = 2) -> tuple[list, list]:
 
 
 def test_pooled_processes_serve_the_next_runtime_exactly_and_a_killed_one_is_not_reused(ray_session, monkeypatch):
-    from actorgrad.transport.ray import POOL_ENV
+    from actorgrad.transport.startup import POOL_ENV
 
     ray_session()
     monkeypatch.setenv(POOL_ENV, "1")
@@ -225,3 +227,51 @@ def test_only_plain_cpu_workers_go_to_the_process_pool():
     assert not t._poolable(cpu, {})
     t.workers_per_process, t.reuse = 1, False
     assert not t._poolable(cpu, {})
+
+
+class Sleepy(torch.nn.Module):
+    """Sleeps x[0, 0] seconds in its forward, after touching ``marker`` (when given) to say it has begun."""
+
+    def __init__(self, marker: str) -> None:
+        super().__init__()
+        self.marker = marker
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        seconds = float(x[0, 0])
+        if seconds > 1:
+            with open(self.marker, "w") as f:
+                f.write(str(os.getpid()))
+        time.sleep(seconds)
+        return x * 1
+
+
+def test_a_pooled_process_still_computing_at_shutdown_is_killed_not_reused(ray_session, monkeypatch, tmp_path):
+    from ray.experimental import internal_kv
+
+    from actorgrad.transport.startup import POOL_ENV
+
+    ray_session()
+    monkeypatch.setenv(POOL_ENV, "1")
+    marker = tmp_path / "started"
+    ag.init(backend="ray", timeout=60)
+    try:
+        sleepy = ag.spawn(Sleepy(str(marker)), name="sleepy")
+        idle = ag.spawn(torch.nn.Linear(1, 1), name="idle")
+        for _ in range(2):  # measured as expensive: its next forward runs on the worker's compute thread
+            sleepy(torch.full((1, 1), 0.05)).value()
+        idle(torch.ones(1, 1)).value()
+        transport = ag.api._current().transport
+        namespace = transport.namespace
+        busy_pid, idle_pid = (transport.identity(n)["pid"] for n in ("sleepy", "idle"))
+        sleepy(torch.full((1, 1), 30.0))
+        deadline = time.monotonic() + 60
+        while not marker.exists():  # its forward has begun
+            assert time.monotonic() < deadline, "the long forward never started"
+            time.sleep(0.05)
+    finally:
+        ag.shutdown()
+    wait_process_gone(busy_pid)  # killed, not kept computing in the pool
+    # The runtime's lookup entries are gone with it (a sweep on a long-lived cluster would pile them up).
+    assert internal_kv._internal_kv_get(f"{namespace}/sleepy", namespace="actorgrad") is None
+    assert internal_kv._internal_kv_get(f"{namespace}/idle", namespace="actorgrad") is None
+    assert not _process_gone(idle_pid)  # the idle one went back to the pool

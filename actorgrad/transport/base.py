@@ -153,6 +153,7 @@ class Host:
         self._next_out: dict[str, int] = {}
         self._replies: dict[int, ReplyFn] = {}
         self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"ag-{core.name}")
+        self._in_core = 0  # > 0 while the core handles a batch, on whichever thread (see computing())
         core.host_stats = lambda: {"held_frames": sum(map(len, self._held.values())), "held_bytes": self.held_bytes()}
         # Moving average of seconds per handled message, by kind (a Route is cheap, a Forward may not be).
         self._cost: dict[type, float] = {}
@@ -288,6 +289,17 @@ class Host:
 
         ``None`` instead of a message means: do the core's deferred work (closing steps).
         """
+        self._in_core += 1
+        try:
+            return self._handle_each(msgs)
+        finally:
+            self._in_core -= 1
+
+    def computing(self) -> bool:
+        """Whether the core is handling messages now: after stop(), a job on the compute thread runs on."""
+        return self._in_core > 0
+
+    def _handle_each(self, msgs: list) -> list:
         outs = []
         for msg in msgs:
             t0 = time.perf_counter()

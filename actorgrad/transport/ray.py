@@ -39,7 +39,7 @@ from . import death
 from .base import CALLER, Capabilities, Data, Host, Outbound, ReplyFn, epoch_of, name_of, sender_key
 from .channels import MSG, OOB, Channel, ChannelConfig, ChannelServer, pack_frame
 from .dataplane import DataPlane, check_mode, min_bytes_from_env
-from .startup import worker_process_setup
+from .startup import POOL_ENV, worker_process_setup
 
 log = logging.getLogger("actorgrad.transport.ray")
 
@@ -213,8 +213,15 @@ class RayHost:
         self._ensure_host()
         return self._core.name
 
+    def computing(self) -> bool:
+        """Whether this worker's core is still handling messages (a job on its compute thread runs on after stop)."""
+        return self._host is not None and self._host.computing()
+
     async def stop(self) -> None:
         """Stop the host loop cleanly before the process is killed."""
+        if self._server is not None:
+            # A server still starting would listen after close(): with the secret of a runtime that is gone.
+            await asyncio.gather(self._server_started, return_exceptions=True)
         await asyncio.gather(*(ch.closed() for ch in self._channels.values()), return_exceptions=True)
         if self._dataplane is not None:
             self._dataplane.close()
@@ -250,20 +257,22 @@ _KV_NAMESPACE = "actorgrad"
 # What a process keeps between runtimes is what any Python process keeps (imported modules,
 # torch's global settings); a worker's own state (module, optimizer, channels, data plane) goes
 # with it. Off by default: idle processes hold memory until the driver exits.
-POOL_ENV = "ACTORGRAD_REUSE_PROCESSES"
 _POOL_NAMESPACE = "actorgrad-pool"
-_POOL_MAX = 16
+# Options that give a worker a process of its own (never shared, never pooled).
+_OWN_PROCESS_OPTIONS = ("num_cpus", "num_gpus", "resources", "placement_group", "max_restarts", "replicas")
+_POOL_MAX = 16  # idle processes kept per driver (each holds what its last worker's peak left it)
 _POOL_REBIND_TIMEOUT = 5.0
 _pool: dict[str, list[tuple[str, Any]]] = {}  # Ray session and job -> idle processes (name, handle)
 _pool_lock = threading.Lock()
 
 
-def torch_device_type(device: Optional[str]) -> str:
+def _device_type(device: Optional[str]) -> str:
     """The type of a worker's device spec ("cpu" when none is given)."""
     return str(device or "cpu").split(":", 1)[0]
 
 
 def _pool_key() -> str:
+    """Which pool this driver's runtimes share: processes of another Ray session or job are not ours."""
     ctx = ray.get_runtime_context()
     return f"{ctx.get_session_name()}/{ctx.get_job_id()}"
 
@@ -353,8 +362,8 @@ class RayProcess:
         Only an empty process is handed on: its workers were removed when their runtime shut down.
         """
         live = [w for w, f in self._hosts.items() if not f.done() or f.exception() is None]
-        if live:
-            raise E.ConfigError(f"a pooled process still hosts {live}", worker=live[0])
+        if live:  # never handed back like this (remove came first): the caller kills it and starts another
+            raise RuntimeError(f"a pooled process still hosts {live}")
         self._hosts.clear()
         self._namespace = namespace
         self._config = channel_config
@@ -364,9 +373,18 @@ class RayProcess:
     async def remove(self, worker: str) -> int:
         """Stop one worker of this process; returns how many remain."""
         fut = self._hosts.pop(worker, None)
+        busy = 0
         if fut is not None and fut.done() and fut.exception() is None:
-            await fut.result().stop()
-        return sum(1 for f in self._hosts.values() if not f.done() or f.exception() is None)
+            host = fut.result()
+            await host.stop()
+            # A forward or backward already on the compute thread runs on after stop(): give it a moment,
+            # then count it as still here, so that its process is killed rather than pooled.
+            for _ in range(50):
+                if not host.computing():
+                    break
+                await asyncio.sleep(0.02)
+            busy = int(host.computing())
+        return busy + sum(1 for f in self._hosts.values() if not f.done() or f.exception() is None)
 
 
 class _MemberMethod:
@@ -558,6 +576,9 @@ class RayTransport:
         self.namespace = f"actorgrad-{uuid.uuid4().hex[:8]}"
         # An instance we started goes with ag.shutdown(): nothing to keep processes for.
         self.reuse = os.environ.get(POOL_ENV, "0") == "1" and not self.started_ray
+        if os.environ.get(POOL_ENV, "0") == "1" and self.started_ray:
+            log.info("%s is set, but this runtime started Ray itself (its processes go with it): not reusing",
+                     POOL_ENV)
         self._actors: dict[str, Any] = {}
         self._groups: list[Any] = []
         self._node = ray.get_runtime_context().get_node_id()
@@ -677,18 +698,15 @@ class RayTransport:
         A worker that asks for CPUs, GPUs or resources, is placed in a group, may be restarted, or is
         one of several replicas keeps a process of its own.
         """
-        return self.workers_per_process > 1 and not any(
-            options.get(k) for k in ("num_cpus", "num_gpus", "resources", "placement_group", "max_restarts",
-                                     "replicas"))
+        return self.workers_per_process > 1 and not any(options.get(k) for k in _OWN_PROCESS_OPTIONS)
 
     def _poolable(self, spec: WorkerSpec, options: dict[str, Any]) -> bool:
         """Whether this worker runs in a pooled process (see [Note: process pool]): plain CPU workers only.
 
         A CUDA worker's process would keep its device memory (torch's cache) for whoever comes next.
         """
-        return self.reuse and self.workers_per_process == 1 and torch_device_type(spec.device) == "cpu" and not any(
-            options.get(k) for k in ("num_cpus", "num_gpus", "resources", "placement_group", "max_restarts",
-                                     "replicas"))
+        return (self.reuse and self.workers_per_process == 1 and _device_type(spec.device) == "cpu"
+                and not any(options.get(k) for k in _OWN_PROCESS_OPTIONS))
 
     def _spawn_pooled(self, spec: WorkerSpec) -> Member:
         """Start the worker as the only member of a process from the pool (a new one if it has none)."""
@@ -704,11 +722,14 @@ class RayTransport:
                 max_restarts=0, max_task_retries=0).remote(self.namespace, self.channel_config)
             taken = (name, handle)
         name, handle = taken
-        internal_kv._internal_kv_put(f"{self.namespace}/{spec.name}", f"{_POOL_NAMESPACE}/{name}",
-                                     namespace=_KV_NAMESPACE)
+        self._pooled[spec.name] = taken  # from here on, kill() and close() own it
+        internal_kv._internal_kv_put(self._kv_key(spec.name), f"{_POOL_NAMESPACE}/{name}", namespace=_KV_NAMESPACE)
         handle.add.remote(spec.name, data, epoch_of(self.caller))
-        self._pooled[spec.name] = taken
         return Member(handle, spec.name)
+
+    def _kv_key(self, worker: str) -> str:
+        """Where peers look up which process hosts a worker of this runtime (a shared or pooled one)."""
+        return f"{self.namespace}/{worker}"
 
     def _spawn_member(self, spec: WorkerSpec, opts: dict[str, Any]) -> Member:
         """Start the worker in the shared process being filled (a new one when it is full)."""
@@ -723,7 +744,7 @@ class RayTransport:
                 max_restarts=0, max_task_retries=0).remote(self.namespace, self.channel_config)
             self._process = (name, handle, [])
         name, handle, members = self._process
-        internal_kv._internal_kv_put(f"{self.namespace}/{spec.name}", name, namespace=_KV_NAMESPACE)
+        internal_kv._internal_kv_put(self._kv_key(spec.name), name, namespace=_KV_NAMESPACE)
         handle.add.remote(spec.name, data, epoch_of(self.caller))
         members.append(spec.name)
         self._members[spec.name] = name
@@ -790,7 +811,8 @@ class RayTransport:
             return None
         exc = self._start_errors.get(worker)
         text = getattr(exc, "error_msg", None) or (str(exc) if exc is not None else "")
-        if worker in self._members or worker in self._pooled:  # the process lives on: the error is the worker's own
+        lives_on = worker in self._members or worker in self._pooled
+        if lives_on and not isinstance(exc, ray.exceptions.RayActorError):  # the worker's own error, not a death
             last = [ln for ln in text.strip().splitlines() if ln.strip()]
             return f"it failed while starting: {last[-1].strip() if last else type(exc).__name__}"
         why = death.describe(text) if text else None
@@ -1070,6 +1092,8 @@ class RayTransport:
             asyncio.run_coroutine_threadsafe(ch.closed(), self._io)
         actor = self._actors.pop(worker, None)
         pooled = self._pooled.pop(worker, None)
+        if pooled is not None or isinstance(actor, Member):
+            self._forget_lookup(worker)
         if pooled is not None:
             try:
                 ray.kill(pooled[1], no_restart=True)
@@ -1103,6 +1127,15 @@ class RayTransport:
         except Exception:  # the process is gone
             pass
 
+    def _forget_lookup(self, worker: str) -> None:
+        """Drop the worker's KV entry: a sweep of runtimes on a long-lived cluster must not pile them up."""
+        from ray.experimental import internal_kv
+
+        try:
+            internal_kv._internal_kv_del(self._kv_key(worker), namespace=_KV_NAMESPACE)
+        except Exception:  # Ray is going down
+            pass
+
     def _retire_pooled(self) -> None:
         """Empty every pooled process that still answers and hand it back to the pool (the rest are killed)."""
         if not self._pooled:
@@ -1126,6 +1159,7 @@ class RayTransport:
             if left == 0 and _give_back(name, handle):
                 self._pooled.pop(worker, None)
                 self._actors.pop(worker, None)
+                self._forget_lookup(worker)
 
     def close(self) -> None:
         """Stop and kill every worker; shut Ray down if this transport started it."""

@@ -35,6 +35,10 @@ from typing import Any, Callable, Optional
 
 log = logging.getLogger("actorgrad.transport.startup")
 
+# Reuse worker processes across runtimes of one driver (transport/ray.py, [Note: process pool]).
+# Here, not in ray.py, so that setting it needs no import of Ray.
+POOL_ENV = "ACTORGRAD_REUSE_PROCESSES"
+
 _DYNAMO = "torch._dynamo"
 _SHAPES = "torch.fx.experimental.symbolic_shapes"
 _lock = threading.RLock()
