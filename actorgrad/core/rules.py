@@ -121,7 +121,7 @@ class Updater:
         self._preview = None
 
     def forget(self, grads: Grads) -> None:
-        """A step's ``grads`` were popped (applied, or dropped unapplied): let go of the preview memo if it holds them."""
+        """A step's ``grads`` were popped (applied or dropped): let go of the preview memo if it holds them."""
         memo = self._preview
         if memo is not None and grads:
             dropped = {id(g) for g in grads.values()}
