@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 import pytest
 import torch
@@ -56,7 +57,7 @@ def run_bench_module(module: str, out: Path, *extra: str, timeout: float = 600) 
     try:
         proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired as e:
-        def text(b):
+        def text(b: Optional[bytes | str]) -> str:
             return (b.decode(errors="replace") if isinstance(b, bytes) else b or "")[-3000:]
 
         raise AssertionError(f"{' '.join(cmd)} ran past {timeout:g}s\n--- stdout ---\n{text(e.stdout)}"

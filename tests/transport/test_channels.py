@@ -6,6 +6,7 @@ import asyncio
 import os
 import socket
 import struct
+from typing import Any, Awaitable, Callable
 
 import pytest
 
@@ -163,7 +164,7 @@ async def test_hostile_hellos_are_refused_without_reading_further():
 HANG_GUARD = 30.0  # seconds: only so that a bug fails the test instead of hanging it (no speed is asserted)
 
 
-async def stream_pair(kind: str):
+async def stream_pair(kind: str) -> tuple[tuple, tuple, Callable[[], Awaitable[None]]]:
     """Two connected ends as asyncio streams ((reader, writer), (reader, writer)) and a cleanup coroutine."""
     if kind == "unix":
         a, b = socket.socketpair()
@@ -193,7 +194,7 @@ def small(i: int) -> bytes:
     return bytes([i % 251]) * (1 + i % 9)  # 1 to 9 bytes, telling the index
 
 
-def large(i: int, size: int):
+def large(i: int, size: int) -> tuple[bytes, Any]:
     """A frame body of ``size`` bytes (not a multiple of WRITE_SLICE), as one part or several."""
     body = i.to_bytes(4, "big") + os.urandom(size - 4)
     if i % 2:
@@ -201,7 +202,7 @@ def large(i: int, size: int):
     return body, body
 
 
-async def read_frames(reader, n: int, out: list) -> list:
+async def read_frames(reader: asyncio.StreamReader, n: int, out: list) -> list:
     """Read ``n`` frames into ``out`` (kept by the caller: what arrived is known even if the rest never does)."""
     for _ in range(n):
         fields = await C.read_frame(reader)
