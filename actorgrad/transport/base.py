@@ -13,7 +13,7 @@ import asyncio
 import concurrent.futures as cf
 import logging
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Protocol, Union
 
@@ -153,7 +153,7 @@ class Host:
         self._next_out: dict[str, int] = {}
         self._replies: dict[int, ReplyFn] = {}
         self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"ag-{core.name}")
-        self._in_core = 0  # > 0 while the core handles a batch, on whichever thread (see computing())
+        self._job: Optional[Future] = None  # the core's last batch on the compute thread (see settle())
         core.host_stats = lambda: {"held_frames": sum(map(len, self._held.values())), "held_bytes": self.held_bytes()}
         # Moving average of seconds per handled message, by kind (a Route is cheap, a Forward may not be).
         self._cost: dict[type, float] = {}
@@ -289,17 +289,6 @@ class Host:
 
         ``None`` instead of a message means: do the core's deferred work (closing steps).
         """
-        self._in_core += 1
-        try:
-            return self._handle_each(msgs)
-        finally:
-            self._in_core -= 1
-
-    def computing(self) -> bool:
-        """Whether the core is handling messages now: after stop(), a job on the compute thread runs on."""
-        return self._in_core > 0
-
-    def _handle_each(self, msgs: list) -> list:
         outs = []
         for msg in msgs:
             t0 = time.perf_counter()
@@ -351,7 +340,9 @@ class Host:
         if self.inline and cost is not None and cost < self.inline_seconds:
             outs = self._handle_all(msgs)
         else:
-            outs = await self._loop.run_in_executor(self._executor, self._handle_all, msgs)
+            # The thread's own future: cancelling this task (stop()) leaves it running, and settle() sees that.
+            self._job = self._executor.submit(self._handle_all, msgs)
+            outs = await asyncio.wrap_future(self._job)
         # Peers first: a Value or a Gradient is on the step's critical path, a reply to the caller
         # (ForwardDone, an Ack) rarely is. Each peer's and the caller's messages keep their order.
         for out in outs:
@@ -397,6 +388,14 @@ class Host:
             return self.core.describe_missing()
         except Exception as exc:  # the compute thread may be mutating the state
             return [f"(state unavailable: {exc!r})"]
+
+    async def settle(self, timeout: float) -> bool:
+        """After stop(): wait up to ``timeout`` s for a batch still on the compute thread; whether the core is idle."""
+        job = self._job
+        if job is None or job.done():
+            return True
+        await asyncio.wait({asyncio.wrap_future(job)}, timeout=timeout)
+        return job.done()
 
     def stop(self) -> None:
         """Stop the loop task and the compute thread."""

@@ -213,9 +213,9 @@ class RayHost:
         self._ensure_host()
         return self._core.name
 
-    def computing(self) -> bool:
-        """Whether this worker's core is still handling messages (a job on its compute thread runs on after stop)."""
-        return self._host is not None and self._host.computing()
+    async def settle(self, timeout: float) -> bool:
+        """After stop(): whether the core went idle within ``timeout`` s (a forward on its compute thread runs on)."""
+        return self._host is None or await self._host.settle(timeout)
 
     async def stop(self) -> None:
         """Stop the host loop cleanly before the process is killed."""
@@ -379,11 +379,7 @@ class RayProcess:
             await host.stop()
             # A forward or backward already on the compute thread runs on after stop(): give it a moment,
             # then count it as still here, so that its process is killed rather than pooled.
-            for _ in range(50):
-                if not host.computing():
-                    break
-                await asyncio.sleep(0.02)
-            busy = int(host.computing())
+            busy = int(not await host.settle(1.0))
         return busy + sum(1 for f in self._hosts.values() if not f.done() or f.exception() is None)
 
 

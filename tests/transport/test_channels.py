@@ -211,6 +211,15 @@ async def read_frames(reader: asyncio.StreamReader, n: int, out: list) -> list:
     return out
 
 
+async def frame_writer_over(kind: str) -> tuple[C.FrameWriter, list, asyncio.StreamReader, asyncio.StreamWriter,
+                                                Callable[[], Awaitable[None]]]:
+    """A FrameWriter on one end of a stream pair: (writer, the errors it reports, the other end's reader and
+    writer, cleanup)."""
+    (_, wa), (rb, wb), cleanup = await stream_pair(kind)
+    errors: list = []
+    return C.FrameWriter(wa, errors.append), errors, rb, wb, cleanup
+
+
 def check_frames(frames: list, expected: list[bytes]) -> None:
     for i, (fields, body) in enumerate(zip(frames, expected)):
         kind, sender, seq, token, data = fields
@@ -221,9 +230,7 @@ def check_frames(frames: list, expected: list[bytes]) -> None:
 @pytest.mark.asyncio
 @pytest.mark.parametrize("kind", ["unix", "tcp"])
 async def test_frame_writer_keeps_small_frames_behind_an_in_flight_large_frame(kind):
-    (_, wa), (rb, _), cleanup = await stream_pair(kind)
-    errors: list = []
-    out = C.FrameWriter(wa, errors.append)
+    out, errors, rb, _, cleanup = await frame_writer_over(kind)
     expected: list[bytes] = []
 
     def write(body, data=None):
@@ -279,9 +286,7 @@ async def test_frame_writer_keeps_small_frames_behind_an_in_flight_large_frame(k
 @pytest.mark.asyncio
 @pytest.mark.parametrize("kind", ["unix", "tcp"])
 async def test_frame_writer_aborts_and_reports_when_the_peer_goes_mid_frame(kind):
-    (_, wa), (rb, wb), cleanup = await stream_pair(kind)
-    errors: list = []
-    out = C.FrameWriter(wa, errors.append)
+    out, errors, rb, wb, cleanup = await frame_writer_over(kind)
     try:
         out.write(C.pack_frame(C.MSG, "w", 0, None, b"first"))
         out.write(C.pack_frame(C.MSG, "w", 1, None, os.urandom(32 << 20)))  # far more than socket buffers hold
@@ -296,7 +301,7 @@ async def test_frame_writer_aborts_and_reports_when_the_peer_goes_mid_frame(kind
         await asyncio.wait_for(out._task, HANG_GUARD)
         assert len(errors) == 1 and "the connection broke while writing" in errors[0]
         # Aborted, not left half-written: nothing stays queued, and later frames are dropped, not queued.
-        assert wa.transport.is_closing() and not out._backlog
+        assert out.writer.transport.is_closing() and not out._backlog
         out.write(C.pack_frame(C.MSG, "w", 6, None, b"late"))
         out.write(C.pack_frame(C.MSG, "w", 7, None, os.urandom(2 << 20)))
         assert not out._backlog and out._task.done() and len(errors) == 1
