@@ -87,7 +87,6 @@ def run(backend: str, steps: int, warmup: int) -> dict:
                     pids[w.name] = int(ident["pid"])
         before = {who: thread_cpu(pid) for who, pid in pids.items()}
         t0 = time.perf_counter()
-        report = None
         messages = replies = 0
         for x, y in data[warmup:]:
             report = step(x, y)
